@@ -1,0 +1,12 @@
+"""The package's exception class."""
+
+from __future__ import annotations
+
+__all__ = ["MPSDataError"]
+
+
+class MPSDataError(Exception):
+    """A problem with mpsdata's own data: a core file, an archive or a build that cannot be used.
+
+    Wrong arguments raise ``TypeError`` or ``ValueError`` instead, as in torch and torchvision.
+    """
