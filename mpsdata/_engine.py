@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _kernels
+from . import _budget, _kernels
 
 __all__ = ["Packed", "encode", "decode", "core_offsets"]
 
@@ -104,6 +104,8 @@ def encode(
             extra eigenvalue problem per truncated bond); without it ``Packed.tails`` is ``None``.
         backend: ``"numba"`` (CPU kernels), ``"torch"`` (any device) or ``"auto"``.
     """
+    if tuple(bonds) != _budget.tighten(bonds, site_dims):
+        raise ValueError(f"bonds {list(bonds)} are not tight for site dims {list(site_dims)}; use _budget.tighten")
     if backend == "auto":
         backend = "numba" if x.device.type == "cpu" else "torch"
     if backend == "numba":
