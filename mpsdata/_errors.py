@@ -5,8 +5,9 @@ from __future__ import annotations
 __all__ = ["MPSDataError"]
 
 
-class MPSDataError(Exception):
+class MPSDataError(RuntimeError):
     """A problem with mpsdata's own data: a core file, an archive or a build that cannot be used.
 
-    Wrong arguments raise ``TypeError`` or ``ValueError`` instead, as in torch and torchvision.
+    A ``RuntimeError``, like torchvision's "Dataset not found or corrupted". Wrong arguments raise
+    ``TypeError`` or ``ValueError`` instead, as in torch and torchvision.
     """

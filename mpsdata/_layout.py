@@ -44,6 +44,7 @@ class Layout:
         cols: Column digits, coarse to fine, for a hierarchical layout; ``None`` for row-major.
         padded_height: Height after edge padding (equal to ``height`` when none is needed).
         padded_width: Width after edge padding.
+        channel_site: Whether images carry a channel axis folded into the MPS (``channel_mode="site"``).
     """
 
     height: int
@@ -54,6 +55,7 @@ class Layout:
     cols: tuple[int, ...] | None
     padded_height: int
     padded_width: int
+    channel_site: bool = False
 
     @property
     def kind(self) -> str:
@@ -72,7 +74,7 @@ class Layout:
     @property
     def image_dims(self) -> int:
         """Trailing dims of the input that belong to one MPS: 2 (``H, W``) or 3 (``C, H, W``)."""
-        return 3 if self.channels > 1 else 2
+        return 3 if self.channel_site else 2
 
     def describe(self) -> str:
         """Short human-readable description, e.g. ``hierarchical [(7, 7), (2, 2), (2, 2)]``."""
@@ -107,7 +109,7 @@ class Layout:
         """Inverse of :meth:`to_sites`: ``(..., prod(site_dims))`` -> ``(..., [C,] H, W)``."""
         index = torch.from_numpy(self.scatter_index).to(v.device)
         flat = v.index_select(-1, index)
-        shape = (self.channels, self.height, self.width) if self.channels > 1 else (self.height, self.width)
+        shape = (self.channels, self.height, self.width) if self.channel_site else (self.height, self.width)
         return flat.reshape(*v.shape[:-1], *shape)
 
 
@@ -148,7 +150,8 @@ def make_layout(
         raise ValueError(f"channel_mode must be 'separate' or 'site', got {channel_mode!r}")
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    site_channels = channels if channel_mode == "site" else 1
+    site_mode = channel_mode == "site"
+    site_channels = channels if site_mode else 1
     if site_channels > 1:
         channel_site: tuple[int, ...] = (site_channels,)
     else:
@@ -160,13 +163,13 @@ def make_layout(
         if site_dims == "row":
             ph, pw = _smooth_at_least(height), _smooth_at_least(width)
             sites = _balanced_sites(_prime_factors(ph * pw), _DEFAULT_ROW_SITES)
-            return Layout(height, width, site_channels, sites + channel_site, None, None, ph, pw)
+            return Layout(height, width, site_channels, sites + channel_site, None, None, ph, pw, site_mode)
         if site_dims == "hierarchical":
             ph, pw = _smooth_at_least(height), _smooth_at_least(width)
             rows, cols = _hierarchical_digits(ph), _hierarchical_digits(pw)
             if max(len(rows), len(cols)) < 2:  # e.g. 5x7: one digit each, no hierarchy to exploit
                 return make_layout(height, width, channels, "row", channel_mode)
-            return _hierarchical(height, width, site_channels, rows, cols, ph, pw, channel_site)
+            return _hierarchical(height, width, site_channels, rows, cols, ph, pw, channel_site, site_mode)
         raise ValueError(
             f"site_dims must be None, 'row', 'hierarchical' or a sequence of site sizes, got {site_dims!r}"
         )
@@ -187,7 +190,7 @@ def make_layout(
             )
         if any(r < 1 or c < 1 for r, c in pairs):
             raise ValueError(f"site digits must be >= 1, got {pairs}")
-        return _hierarchical(height, width, site_channels, rows, cols, height, width, channel_site)
+        return _hierarchical(height, width, site_channels, rows, cols, height, width, channel_site, site_mode)
     if all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in site_dims):
         sites = tuple(int(d) for d in site_dims)  # type: ignore[arg-type]
         if math.prod(sites) != height * width:
@@ -196,7 +199,7 @@ def make_layout(
                 f"{height}x{width} = {height * width} pixels; choose site dims whose product is the pixel count"
             )
         _check_sites(sites)
-        return Layout(height, width, site_channels, sites + channel_site, None, None, height, width)
+        return Layout(height, width, site_channels, sites + channel_site, None, None, height, width, site_mode)
     raise TypeError(f"site_dims must hold ints or (row, col) pairs, got {list(site_dims)!r}")
 
 
@@ -219,13 +222,14 @@ def _hierarchical(
     ph: int,
     pw: int,
     channel_site: tuple[int, ...],
+    site_mode: bool,
 ) -> Layout:
     n = max(len(rows), len(cols))
     rows = rows + (1,) * (n - len(rows))
     cols = cols + (1,) * (n - len(cols))
     sites = tuple(r * c for r, c in zip(rows, cols, strict=False))
     _check_sites(sites + channel_site)
-    return Layout(height, width, channels, sites + channel_site, rows, cols, ph, pw)
+    return Layout(height, width, channels, sites + channel_site, rows, cols, ph, pw, site_mode)
 
 
 def _prime_factors(n: int) -> list[int]:

@@ -1,12 +1,30 @@
-"""The ``mpsdata`` command line."""
+"""The ``mpsdata`` command line: build, info, verify and show core files."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import resource
+import shutil
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from . import __version__
+import numpy as np
+
+from ._version import __version__
+
+_DATASETS = {
+    "mnist": "MPSMNIST",
+    "fashion-mnist": "MPSFashionMNIST",
+    "cifar10": "MPSCIFAR10",
+    "cifar100": "MPSCIFAR100",
+    "imagenet": "MPSImageNet",
+    "imagefolder": "MPSImageFolder",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +33,43 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress image datasets with matrix product states and inspect the results.",
     )
     parser.add_argument("--version", action="version", version=f"mpsdata {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    build = commands.add_parser("build", help="compress a dataset into a core file (or reuse an existing one)")
+    build.add_argument("dataset", choices=sorted(_DATASETS), help="which dataset")
+    build.add_argument("--root", required=True, type=Path, help="dataset root, torchvision's layout")
+    build.add_argument("--split", default="train", help="train or test (val for imagenet; ignored for imagefolder)")
+    build.add_argument("--download", action="store_true", help="download the raw data through torchvision if missing")
+    build.add_argument(
+        "--raw", type=Path, help="(mnist, fashion-mnist) folder holding the idx files to copy under root"
+    )
+    budget = build.add_argument_group("budget (default: --ratio 0.4)")
+    budget.add_argument("--ratio", type=float, help="the paper's compression ratio in (0, 1]")
+    budget.add_argument("--bond-dims", type=_int_list, help="explicit bond dimensions, e.g. 2,6,5,2")
+    budget.add_argument("--max-bond", type=int, help="cap on every bond")
+    budget.add_argument("--tol", type=float, help="relative error tolerance")
+    budget.add_argument("--residual", type=int, default=0, help="residual MPS terms (paper Alg. 2)")
+    build.add_argument("--site-dims", type=_site_dims, help="'row', 'hierarchical' or sizes like 2,4,7,7,2")
+    build.add_argument("--channel-mode", choices=("separate", "site"), default="separate")
+    build.add_argument("--core-dtype", choices=("float16", "float32"), default="float16")
+    build.add_argument("--image-size", type=int, help="(imagenet, imagefolder) side of the stored images")
+    build.set_defaults(handler=_build)
+
+    info = commands.add_parser("info", help="settings, counts, ratios and quality of a core file")
+    info.add_argument("file", type=Path)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(handler=_info)
+
+    verify = commands.add_parser("verify", help="check every checksum and decode every image")
+    verify.add_argument("file", type=Path)
+    verify.set_defaults(handler=_verify)
+
+    show = commands.add_parser("show", help="a PNG of stored images (beside the originals) and bond entropies")
+    show.add_argument("file", type=Path)
+    show.add_argument("--out", type=Path, required=True, help="PNG to write")
+    show.add_argument("--count", type=int, default=8, help="images to show")
+    show.add_argument("--root", type=Path, help="dataset root holding the raw data, to show the originals too")
+    show.set_defaults(handler=_show)
     return parser
 
 
@@ -26,7 +80,232 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.handler(args) or 0)
+    from ._errors import MPSDataError
+
+    try:
+        return int(args.handler(args) or 0)
+    except (MPSDataError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"mpsdata {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def _site_dims(text: str) -> Any:
+    return text if text in ("row", "hierarchical") else _int_list(text)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {
+        "ratio": args.ratio,
+        "bond_dims": args.bond_dims,
+        "max_bond": args.max_bond,
+        "tol": args.tol,
+        "residual": args.residual,
+        "site_dims": args.site_dims,
+        "channel_mode": args.channel_mode,
+        "core_dtype": args.core_dtype,
+    }
+    if args.image_size is not None:
+        if args.dataset not in ("imagenet", "imagefolder"):
+            raise ValueError("--image-size applies to imagenet and imagefolder only")
+        options["image_size"] = args.image_size
+    return options
+
+
+def open_dataset(name: str, root: Path, split: str, download: bool = False, **options: Any):
+    """Instantiate the MPS dataset class behind a command-line dataset name."""
+    import mpsdata
+
+    cls = getattr(mpsdata, _DATASETS[name])
+    if name in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
+        if split not in ("train", "test"):
+            raise ValueError(f"--split must be train or test for {name}, got {split!r}")
+        return cls(root, train=split == "train", download=download, **options)
+    if name == "imagenet":
+        return cls(root, split=split, **options)
+    return cls(root, **options)
+
+
+def _build(args: argparse.Namespace) -> int:
+    if args.raw is not None:
+        _copy_raw(args.dataset, args.raw, args.root)
+    start = time.perf_counter()
+    ds = open_dataset(args.dataset, args.root, args.split, args.download, **_options(args))
+    seconds = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(repr(ds))
+    print(f"PSNR: {ds.psnr:.2f} dB (stored uint8 images against the originals)")
+    print(f"Time: {seconds:.2f} s, peak memory: {peak_mib:.0f} MiB")
+    return 0
+
+
+def _copy_raw(dataset: str, raw: Path, root: Path) -> None:
+    import mpsdata
+
+    if dataset not in ("mnist", "fashion-mnist"):
+        raise ValueError("--raw applies to mnist and fashion-mnist (idx files)")
+    target = root / getattr(mpsdata, _DATASETS[dataset])._torchvision_cls.__name__ / "raw"
+    target.mkdir(parents=True, exist_ok=True)
+    found = sorted(raw.glob("*-idx?-ubyte*"))
+    if not found:
+        raise FileNotFoundError(f"no idx files (*-idx?-ubyte[.gz]) in {raw}")
+    for path in found:
+        if not (target / path.name).exists():
+            shutil.copyfile(path, target / path.name)
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    from ._archive import CoreFile
+
+    cores = CoreFile(path)
+    g = cores.geometry
+    values = math.prod(cores.settings["image_shape"])
+    ranks = cores.ranks.double()
+    ones = ranks.new_ones(ranks.shape[:-1] + (1,))
+    import torch
+
+    bonds = torch.cat([ones, ranks, ones], -1)
+    sites = torch.tensor(g.layout.site_dims, dtype=torch.float64)
+    params = (bonds[..., :-1] * sites * bonds[..., 1:]).sum((-1, -2))
+    mse = cores.mse.double().clamp_min(1e-10)
+    return {
+        "file": str(path),
+        "format_version": 1,
+        "dataset": cores.settings["dataset"],
+        "split": cores.settings["split"],
+        "images": cores.num_samples,
+        "image_shape": cores.settings["image_shape"],
+        "classes": len(cores.meta["classes"]),
+        "layout": g.layout.describe(),
+        "bond_dims": list(g.bond_dims),
+        "terms": g.terms,
+        "core_dtype": cores.core_dtype,
+        "ratio": float(params.mean() / values) if cores.num_samples else 0.0,
+        "bytes_ratio": cores.nbytes / max(1, cores.num_samples * values),
+        "file_bytes": cores.nbytes,
+        "psnr_db": float((10 * torch.log10(255.0**2 / mse)).mean()) if cores.num_samples else None,
+        "settings": cores.settings,
+        "source": cores.meta.get("source", {}),
+        "content_sha256": cores.content_sha256,
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    summary = _summary(args.file)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    for key in ("file", "dataset", "split", "images", "image_shape", "classes", "layout", "bond_dims", "terms"):
+        print(f"{key:>14}: {summary[key]}")
+    print(f"{'core_dtype':>14}: {summary['core_dtype']}")
+    print(f"{'ratio':>14}: {summary['ratio']:.4f} (paper: parameters / pixel values)")
+    print(f"{'bytes_ratio':>14}: {summary['bytes_ratio']:.4f} (file bytes / raw uint8 bytes)")
+    print(f"{'psnr':>14}: {summary['psnr_db']:.2f} dB (every stored image against its original)")
+    print(f"{'content':>14}: sha256 {summary['content_sha256']}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ._archive import CoreFile
+
+    report = CoreFile(args.file).verify()
+    print(f"OK: {report['images']} images decoded, every checksum matches ({report['path']})")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("mpsdata show needs matplotlib: pip install matplotlib") from None
+    from ._archive import CoreFile
+    from ._mps import entanglement_entropy
+
+    cores = CoreFile(args.file)
+    count = max(1, min(args.count, cores.num_samples))
+    stored = cores.decode(np.arange(count)).numpy()  # (n, C, H, W)
+    originals = _originals(cores, args.root, count) if args.root is not None else None
+    layout = cores.geometry.layout
+    site_dims = [tuple(p) for p in zip(layout.rows, layout.cols)] if layout.rows else list(layout.site_dims)
+    if layout.channel_site and layout.rows is None:
+        site_dims = site_dims[:-1]
+    mode = "site" if layout.channel_site else "separate"
+    import torch
+
+    def entropy(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).double()
+        x = x if layout.channel_site else x.flatten(0, 1)
+        return entanglement_entropy(x, site_dims, channel_mode=mode).mean(0).numpy()
+
+    rows = 2 if originals is not None else 1
+    fig = plt.figure(figsize=(1.6 * count, 1.7 * rows + 2.6))
+    grid = fig.add_gridspec(rows + 1, count, height_ratios=[1] * rows + [1.6])
+    for i in range(count):
+        for r, (label, batch) in enumerate([("original", originals), ("stored", stored)][2 - rows :]):
+            ax = fig.add_subplot(grid[r, i])
+            image = batch[i].transpose(1, 2, 0)
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(label)
+            if label == "stored":
+                psnr = 10 * math.log10(255.0**2 / max(float(cores.mse[i]), 1e-10))
+                ax.set_title(f"{psnr:.1f} dB", fontsize=8)
+    ax = fig.add_subplot(grid[rows, :])
+    bonds = np.arange(1, len(layout.site_dims))
+    if originals is not None:
+        ax.plot(bonds, entropy(originals), "o-", label="original")
+    ax.plot(bonds, entropy(stored), "s-", label="stored")
+    ax.set_xlabel("bond k")
+    ax.set_ylabel("entanglement entropy E_k")
+    ax.set_xticks(bonds)
+    ax.legend()
+    summary = _summary(args.file)
+    fig.suptitle(f"{summary['dataset']} {summary['split']}: {layout.describe()}, ratio {summary['ratio']:.3f}")
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _originals(cores, root: Path, count: int) -> np.ndarray:
+    """The first raw images of the file's dataset, read through the dataset class under ``root``."""
+    import mpsdata
+
+    settings = cores.settings
+    name = settings["dataset"]
+    cls = getattr(mpsdata, name, None)
+    if cls is None:
+        raise ValueError(f"unknown dataset {name!r} in {cores.path}")
+    options = {
+        k: settings[k] for k in ("ratio", "bond_dims", "max_bond", "tol", "residual", "site_dims", "channel_mode")
+    }
+    options["core_dtype"] = settings["core_dtype"]
+    options["archive_dir"] = cores.path.parent
+    if name in ("MPSImageFolder", "MPSImageNet"):
+        options["image_size"] = settings["image_shape"][-1]
+    split = settings["split"]
+    if name == "MPSImageFolder":
+        ds = cls(root, **options)
+    elif name == "MPSImageNet":
+        ds = cls(root, split=split, **options)
+    else:
+        ds = cls(root, train=split == "train", **options)
+    images, _ = next(ds._source().batches(count))
+    return images[:count].numpy()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,450 @@
+"""MPS core files: HDF5 written atomically in batches, read lazily per process (format in docs/format.md).
+
+Layout of a core file (format version 1)::
+
+    /                 attrs: format, format_version, settings (JSON), meta (JSON), layout (JSON), bond_dims,
+                      num_samples, image_mode, content_sha256, mpsdata_version
+    /cores/site_K     (N, G, d_{K-1}, j_K, d_K) one dataset per core site, chunked along samples
+                      (G = channels * terms with channel_mode="separate", else terms)
+    /ranks            (N, G, n - 1) int16 bonds each image actually uses
+    /mse              (N,) float32 mean squared error of the stored uint8 image against the original
+    /targets          (N,) int64
+
+Every dataset carries a ``sha256`` attribute over its C-order bytes; ``content_sha256`` hashes those digests in
+order. Readers never keep a file handle across ``fork``: metadata is read and the file closed at open time,
+and each process reopens lazily (GUIDE trap: h5py handles shared across fork corrupt reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from . import _engine, _kernels
+from ._budget import max_bonds
+from ._errors import MPSDataError
+from ._layout import Layout
+from ._mps import decompose
+from ._version import __version__ as _version
+
+__all__ = ["FORMAT_VERSION", "CoreFile", "write_core_file", "settings_key"]
+
+FORMAT = "mpsdata-cores"
+FORMAT_VERSION = 1
+CORE_DTYPES = ("float16", "float32")
+_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks along the sample axis
+_HASH_BLOCK = 4096  # samples per block when hashing or verifying
+IN_MEMORY_LIMIT = 2 << 30  # cores up to 2 GiB are loaded whole on first use; larger files are read per item
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """Short stable key of build settings, used in core file names."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _layout_to_json(layout: Layout) -> dict[str, Any]:
+    return {
+        "height": layout.height,
+        "width": layout.width,
+        "channels": layout.channels,
+        "site_dims": list(layout.site_dims),
+        "rows": None if layout.rows is None else list(layout.rows),
+        "cols": None if layout.cols is None else list(layout.cols),
+        "padded_height": layout.padded_height,
+        "padded_width": layout.padded_width,
+    }
+
+
+def _layout_from_json(data: dict[str, Any]) -> Layout:
+    return Layout(
+        height=int(data["height"]),
+        width=int(data["width"]),
+        channels=int(data["channels"]),
+        site_dims=tuple(int(v) for v in data["site_dims"]),
+        rows=None if data["rows"] is None else tuple(int(v) for v in data["rows"]),
+        cols=None if data["cols"] is None else tuple(int(v) for v in data["cols"]),
+        padded_height=int(data["padded_height"]),
+        padded_width=int(data["padded_width"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+def write_core_file(
+    path: str | os.PathLike,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    num_samples: int,
+    image_shape: tuple[int, int, int],
+    image_mode: str,
+    options: dict[str, Any],
+    core_dtype: str,
+    settings: dict[str, Any],
+    meta: dict[str, Any],
+    progress: bool = True,
+) -> Path:
+    """Compress batches of images into a core file, atomically.
+
+    Args:
+        path: Final file path; the file appears only once complete (written to a temporary name first).
+        batches: ``(images, targets)`` with images uint8 ``(B, C, H, W)`` and integer targets ``(B,)``.
+        num_samples: Total number of images the batches yield.
+        image_shape: ``(C, H, W)`` of every image.
+        image_mode: PIL mode of the items (``"L"`` or ``"RGB"``).
+        options: Keyword arguments of :func:`mpsdata.decompose` (budget, layout).
+        core_dtype: Storage precision of the cores, ``"float16"`` or ``"float32"``.
+        settings: Everything the file must match to be reused (stored as JSON, checked on open).
+        meta: Source identity and class names (stored as JSON).
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The path of the written file.
+    """
+    if core_dtype not in CORE_DTYPES:
+        raise ValueError(f"core_dtype must be one of {CORE_DTYPES}, got {core_dtype!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w", libver=("v110", "v110"), locking=False, track_order=True) as f:
+            _write_batches(f, batches, num_samples, image_shape, options, np.dtype(core_dtype), progress)
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["mpsdata_version"] = _version
+            f.attrs["image_mode"] = image_mode
+            f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+            f.attrs["meta"] = json.dumps(meta, sort_keys=True)
+            f.attrs["content_sha256"] = _hash_datasets(f, write=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _write_batches(f, batches, num_samples, image_shape, options, store_dtype, progress) -> None:
+    from tqdm.auto import tqdm
+
+    channels, height, width = image_shape
+    separate = options.get("channel_mode", "separate") == "separate"
+    written = 0
+    cores_ds: list[h5py.Dataset] = []
+    bar = tqdm(total=num_samples, desc="compressing", unit="img", disable=not progress or None)
+    try:
+        for images, targets in batches:
+            images = torch.as_tensor(images)
+            if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (channels, height, width):
+                raise ValueError(
+                    f"every batch must be uint8 (B, {channels}, {height}, {width}), "
+                    f"got {images.dtype} {tuple(images.shape)}"
+                )
+            n = images.shape[0]
+            if written + n > num_samples:
+                raise ValueError(f"the batches yield more than the announced {num_samples} images")
+            x = images if (channels > 1 or not separate) else images[:, 0]
+            m = decompose(x, compute_bound=False, **options)
+            if not cores_ds:
+                cores_ds = _create_datasets(f, m, num_samples, store_dtype, options.get("tol") is not None)
+            stored = _store_batch(f, cores_ds, m, written, store_dtype)
+            recon = _decode_stored(stored, m, images.shape[0])
+            mse = (recon.float() - images.float()).square().flatten(1).mean(1)
+            f["mse"][written : written + n] = mse.numpy()
+            f["targets"][written : written + n] = np.asarray(targets, dtype=np.int64)
+            written += n
+            bar.update(n)
+    finally:
+        bar.close()
+    if written != num_samples:
+        raise ValueError(f"the batches yielded {written} images, {num_samples} were announced")
+    if not cores_ds:
+        raise ValueError("cannot build a core file from an empty dataset")
+
+
+def _groups(m) -> int:
+    """MPS per image in the file: channels * terms (separate channels) or terms."""
+    return math.prod(m.ranks.shape[1:-1])
+
+
+def _create_datasets(f, m, num_samples: int, store_dtype: np.dtype, growable: bool) -> list[h5py.Dataset]:
+    """One dataset per site. With ``growable`` (a tolerance budget) the bond axes may grow up to their caps
+    as later batches need; otherwise every batch has the same bonds and chunks hold exactly one core each."""
+    layout = m.layout
+    groups = _groups(m)
+    full = [1, *m.bond_dims, 1]
+    limit = [1, *max_bonds(layout.site_dims), 1] if growable else full
+    per_image = sum(limit[k] * j * limit[k + 1] for k, j in enumerate(layout.site_dims)) * groups
+    target = max(1, min(num_samples, _CHUNK_BYTES // max(1, per_image * store_dtype.itemsize)))
+    chunk = math.ceil(num_samples / math.ceil(num_samples / target))  # equal chunks: the last is not mostly empty
+    grp = f.create_group("cores", track_order=True)
+    datasets = []
+    for k, j in enumerate(layout.site_dims):
+        datasets.append(
+            grp.create_dataset(
+                f"site_{k}",
+                shape=(num_samples, groups, full[k], j, full[k + 1]),
+                maxshape=(num_samples, groups, limit[k], j, limit[k + 1]),
+                dtype=store_dtype,
+                chunks=(chunk, groups, limit[k], j, limit[k + 1]),
+                fillvalue=0,
+                track_times=False,
+            )
+        )
+    n_bonds = len(layout.site_dims) - 1
+    f.create_dataset("ranks", shape=(num_samples, groups, n_bonds), dtype=np.int16, track_times=False)
+    f.create_dataset("mse", shape=(num_samples,), dtype=np.float32, track_times=False)
+    f.create_dataset("targets", shape=(num_samples,), dtype=np.int64, track_times=False)
+    f.attrs["layout"] = json.dumps(_layout_to_json(layout), sort_keys=True)
+    return datasets
+
+
+def _store_batch(f, datasets: list[h5py.Dataset], m, start: int, store_dtype: np.dtype) -> list[np.ndarray]:
+    """Write one batch's cores (growing bond axes if needed) and return them as stored."""
+    groups = _groups(m)
+    n = m.ranks.shape[0]
+    stored = []
+    for ds, core in zip(datasets, m.cores):
+        block = core.reshape(n, groups, *core.shape[-3:]).numpy().astype(store_dtype)
+        left, right = max(ds.shape[2], block.shape[2]), max(ds.shape[4], block.shape[4])
+        if (left, right) != (ds.shape[2], ds.shape[4]):
+            ds.resize((ds.shape[0], groups, left, ds.shape[3], right))
+        ds[start : start + n, :, : block.shape[2], :, : block.shape[4]] = block
+        stored.append(block)
+    f["ranks"][start : start + n] = m.ranks.reshape(n, groups, -1).numpy().astype(np.int16)
+    return stored
+
+
+def _decode_stored(stored: list[np.ndarray], m, n: int) -> torch.Tensor:
+    """uint8 images ``(n, C, H, W)`` exactly as a reader will decode the stored cores."""
+    groups = stored[0].shape[1]
+    packed = np.concatenate([s.reshape(n, groups, -1) for s in stored], axis=2).astype(np.float32)
+    layout = m.layout
+    terms = m.terms
+    flat = torch.from_numpy(packed).reshape(n * groups // terms, terms, -1)
+    images = _engine.decode(flat, layout.scatter_index, layout.site_dims, m.bond_dims, quantize=True)
+    height, width = layout.height, layout.width
+    return images.reshape(n, -1, height, width)
+
+
+def _hash_datasets(f: h5py.File, write: bool) -> str:
+    """sha256 of every dataset (stored as its attribute when ``write``) and of all of them in order."""
+    total = hashlib.sha256()
+    for name in _dataset_names(f):
+        ds = f[name]
+        digest = hashlib.sha256()
+        for start in range(0, ds.shape[0], _HASH_BLOCK):
+            digest.update(np.ascontiguousarray(ds[start : start + _HASH_BLOCK]).tobytes())
+        hexdigest = digest.hexdigest()
+        if write:
+            ds.attrs["sha256"] = hexdigest
+        elif ds.attrs.get("sha256") != hexdigest:
+            raise MPSDataError(f"dataset {name!r} of {f.filename} fails its checksum: the file is corrupted")
+        total.update(f"{name}:{hexdigest};".encode())
+    return total.hexdigest()
+
+
+def _dataset_names(f: h5py.File) -> list[str]:
+    sites = sorted(f["cores"].keys(), key=lambda s: int(s.split("_")[1]))
+    return [f"cores/{s}" for s in sites] + ["ranks", "mse", "targets"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+@dataclass(frozen=True)
+class _Geometry:
+    layout: Layout
+    bond_dims: tuple[int, ...]
+    groups: int  # MPS per image in the file
+    terms: int
+    sites: np.ndarray
+    caps: np.ndarray
+    offsets: np.ndarray
+
+
+class CoreFile:
+    """Read-only access to a core file, safe across ``fork`` and ``spawn``.
+
+    Metadata, targets and per-image figures are read once in ``__init__`` and the file is closed. Cores are
+    loaded lazily in each process: whole into memory (checksummed) when they fit ``IN_MEMORY_LIMIT``,
+    otherwise read per request.
+
+    Args:
+        path: The core file.
+        expected_settings: Settings the caller asked for; a file built with other settings raises.
+    """
+
+    def __init__(self, path: str | os.PathLike, expected_settings: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        try:
+            with h5py.File(self.path, "r", locking=False) as f:
+                self._read_metadata(f)
+        except MPSDataError:
+            raise
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as error:
+            raise MPSDataError(
+                f"core file {self.path} is truncated, corrupted or not a core file ({error}); "
+                "delete it to rebuild it, or check it with `mpsdata verify`"
+            ) from None
+        if expected_settings is not None and expected_settings != self.settings:
+            differences = {
+                key: (self.settings.get(key), expected_settings.get(key))
+                for key in sorted(set(self.settings) | set(expected_settings))
+                if self.settings.get(key) != expected_settings.get(key)
+            }
+            raise MPSDataError(
+                f"core file {self.path} was built with other settings than requested "
+                f"(setting: (in file, requested)) {differences}; delete it to rebuild, or ask for its settings"
+            )
+        self._pid: int | None = None
+        self._h5: h5py.File | None = None
+        self._memory: np.ndarray | None = None
+
+    def _read_metadata(self, f: h5py.File) -> None:
+        if f.attrs.get("format") != FORMAT:
+            raise MPSDataError(f"{self.path} is not an mpsdata core file (format attribute {f.attrs.get('format')!r})")
+        version = int(f.attrs["format_version"])
+        if version > FORMAT_VERSION:
+            raise MPSDataError(
+                f"core file {self.path} has format version {version}, newer than this mpsdata reads "
+                f"({FORMAT_VERSION}); upgrade mpsdata (`pip install -U mpsdata`)"
+            )
+        self.settings: dict[str, Any] = json.loads(f.attrs["settings"])
+        self.meta: dict[str, Any] = json.loads(f.attrs["meta"])
+        self.image_mode = str(f.attrs["image_mode"])
+        self.content_sha256 = str(f.attrs["content_sha256"])
+        layout = _layout_from_json(json.loads(f.attrs["layout"]))
+        sites = [f[name] for name in _dataset_names(f)[: len(layout.site_dims)]]
+        num_samples = int(f["targets"].shape[0])
+        groups = int(sites[0].shape[1])
+        bonds = tuple(int(ds.shape[4]) for ds in sites[:-1])
+        for k, ds in enumerate(sites):
+            full = [1, *bonds, 1]
+            expected = (num_samples, groups, full[k], layout.site_dims[k], full[k + 1])
+            if tuple(ds.shape) != expected:
+                raise MPSDataError(f"core file {self.path}: site {k} has shape {ds.shape}, expected {expected}")
+        self.targets = torch.from_numpy(f["targets"][:])
+        self.ranks = torch.from_numpy(f["ranks"][:].astype(np.int64))
+        self.mse = torch.from_numpy(f["mse"][:])
+        self.core_dtype = str(sites[0].dtype)
+        terms = int(self.settings.get("residual", 0)) + 1
+        sites_arr = np.asarray(layout.site_dims, np.int64)
+        caps_arr = np.asarray(bonds, np.int64)
+        self.geometry = _Geometry(
+            layout, bonds, groups, terms, sites_arr, caps_arr, _kernels._offsets(sites_arr, caps_arr)
+        )
+        self.num_samples = num_samples
+        self.nbytes = self.path.stat().st_size
+
+    # -- process-local state ------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_h5"] = None  # never ship a handle (or a copy of the cores) to another process
+        state["_memory"] = None
+        state["_pid"] = None
+        return state
+
+    def _file(self) -> h5py.File:
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r", locking=False)
+            self._pid = os.getpid()
+        return self._h5
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+
+    @property
+    def params_per_image(self) -> int:
+        return int(self.geometry.offsets[-1]) * self.geometry.groups
+
+    def load(self) -> np.ndarray:
+        """All cores packed as float32 ``(N, groups, P)``, read once per process and checksummed."""
+        if self._memory is None or self._pid != os.getpid():
+            f = self._file()
+            names = _dataset_names(f)[: len(self.geometry.layout.site_dims)]
+            parts = []
+            for name in names:
+                ds = f[name]
+                data = ds[:]
+                if hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest() != ds.attrs.get("sha256"):
+                    raise MPSDataError(
+                        f"core file {self.path}: {name} fails its checksum, the file is corrupted; "
+                        "delete it to rebuild it"
+                    )
+                parts.append(data.reshape(self.num_samples, self.geometry.groups, -1))
+            self._memory = np.concatenate(parts, axis=2).astype(np.float32)
+        return self._memory
+
+    def packed(self, indices: np.ndarray) -> np.ndarray:
+        """Cores of some images, packed float32 ``(len(indices), groups, P)``."""
+        nbytes = self.num_samples * self.params_per_image * 4
+        if self._memory is not None or nbytes <= IN_MEMORY_LIMIT:
+            return self.load()[indices]
+        f = self._file()
+        names = _dataset_names(f)[: len(self.geometry.layout.site_dims)]
+        order = np.argsort(indices)
+        sorted_idx = np.asarray(indices)[order]
+        unique, inverse = np.unique(sorted_idx, return_inverse=True)
+        parts = [f[name][unique].reshape(len(unique), self.geometry.groups, -1) for name in names]
+        packed = np.concatenate(parts, axis=2).astype(np.float32)[inverse]
+        out = np.empty_like(packed)
+        out[order] = packed
+        return out
+
+    def decode(self, indices, device: torch.device | str | None = None) -> torch.Tensor:
+        """uint8 images ``(len(indices), C, H, W)`` on ``device`` (default CPU)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -self.num_samples or idx.max() >= self.num_samples):
+            raise IndexError(f"index out of range for {self.num_samples} images")
+        idx = idx % max(self.num_samples, 1)
+        g = self.geometry
+        packed = torch.from_numpy(self.packed(idx))
+        if device is not None:
+            packed = packed.to(device)
+        n = idx.size
+        flat = packed.reshape(n * g.groups // g.terms, g.terms, -1)
+        images = _engine.decode(flat, g.layout.scatter_index, g.layout.site_dims, g.bond_dims, quantize=True)
+        return images.reshape(n, -1, g.layout.height, g.layout.width)
+
+    def decode_one(self, index: int) -> np.ndarray:
+        """One uint8 image as ``(H, W)`` or ``(H, W, C)``, the fast path behind ``__getitem__``."""
+        g = self.geometry
+        cores = self.load()[index].reshape(g.groups // g.terms, g.terms, -1)
+        out = np.empty((cores.shape[0], g.layout.num_values), np.uint8)
+        _kernels._decode_chunk(cores, g.sites, g.caps, g.offsets, g.layout.scatter_index, 1, out, True)
+        channels = out.size // (g.layout.height * g.layout.width)
+        image = out.reshape(channels, g.layout.height, g.layout.width)
+        return image[0] if channels == 1 else image.transpose(1, 2, 0)
+
+    def verify(self) -> dict[str, Any]:
+        """Check every checksum and decode every image; returns a small report."""
+        with h5py.File(self.path, "r", locking=False) as f:
+            total = _hash_datasets(f, write=False)
+        if total != self.content_sha256:
+            raise MPSDataError(f"core file {self.path}: content checksum mismatch, the file is corrupted")
+        decoded = 0
+        for start in range(0, self.num_samples, _HASH_BLOCK):
+            images = self.decode(np.arange(start, min(start + _HASH_BLOCK, self.num_samples)))
+            decoded += images.shape[0]
+        return {"path": str(self.path), "images": decoded, "content_sha256": total}
+
+
+def iterate_batches(
+    images: np.ndarray, targets: np.ndarray, batch_size: int
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Batches ``(uint8 (B, C, H, W), targets)`` from in-memory arrays ``(N, H, W)`` or ``(N, H, W, C)``."""
+    for start in range(0, len(images), batch_size):
+        block = np.asarray(images[start : start + batch_size])
+        chw = block[:, None] if block.ndim == 3 else block.transpose(0, 3, 1, 2)
+        yield torch.from_numpy(np.ascontiguousarray(chw)), np.asarray(targets[start : start + batch_size])

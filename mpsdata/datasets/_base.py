@@ -1,0 +1,246 @@
+"""The base class of every MPS dataset: build or open a core file, then decode items on the fly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision.datasets import VisionDataset
+
+from .._archive import CoreFile, settings_key, write_core_file
+from .._errors import MPSDataError
+from .._layout import make_layout
+from .._mps import _solve_bonds, check_budget
+from .._typing import ChannelMode, SiteDims
+
+__all__ = ["MPSVisionDataset", "RawSource"]
+
+DEFAULT_RATIO = 0.4
+#: Storage precision of the cores, chosen by measurement (docs/format.md): float16 costs < 0.01 dB.
+DEFAULT_CORE_DTYPE = "float16"
+_BUILD_BATCH = 2048
+
+
+@dataclass
+class RawSource:
+    """What a subclass hands to the builder: the raw images as batches, plus identity and classes."""
+
+    num_samples: int
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    batches: Callable[[int], Iterator[tuple[torch.Tensor, np.ndarray]]]  # batch_size -> (uint8 BCHW, targets)
+    classes: list[Any]
+    identity: dict[str, Any] = field(default_factory=dict)  # dataset, split, file checksums
+
+
+class MPSVisionDataset(VisionDataset):
+    """A torchvision-style dataset whose images live as MPS cores in an HDF5 core file.
+
+    On first use the core file is built from the raw dataset under ``root`` (torchvision's layout), or after
+    downloading it with ``download=True``; afterwards the file is opened and items are decoded on the fly.
+    Subclasses provide the raw data (:meth:`_raw_exists`, :meth:`_download`, :meth:`_source`) and attributes.
+
+    The MPS options are keyword-only, as in :func:`mpsdata.decompose`; ``ratio`` defaults to 0.4 when no
+    other budget is given. ``core_dtype`` is the storage precision (``"float16"`` or ``"float32"``).
+    """
+
+    image_mode = "L"
+    #: Image size ``(C, H, W)`` before building, needed to name the core file (subclasses set it).
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        download: bool = False,
+        *,
+        ratio: float | None = None,
+        bond_dims: Sequence[int] | None = None,
+        max_bond: int | None = None,
+        tol: float | None = None,
+        residual: int = 0,
+        site_dims: SiteDims = None,
+        channel_mode: ChannelMode = "separate",
+        core_dtype: str = DEFAULT_CORE_DTYPE,
+        archive_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(root, transform=transform, target_transform=target_transform)
+        if ratio is None and bond_dims is None and max_bond is None and tol is None:
+            ratio = DEFAULT_RATIO
+        check_budget(ratio, bond_dims, max_bond, tol, residual)
+        if core_dtype not in ("float16", "float32"):
+            raise ValueError(f"core_dtype must be 'float16' or 'float32', got {core_dtype!r}")
+        self._options: dict[str, Any] = {
+            "ratio": ratio,
+            "bond_dims": None if bond_dims is None else [int(d) for d in bond_dims],
+            "max_bond": max_bond,
+            "tol": tol,
+            "residual": residual,
+            "site_dims": _jsonable_sites(site_dims),
+            "channel_mode": channel_mode,
+        }
+        self._split = split
+        self._archive_dir = Path(archive_dir) if archive_dir is not None else self._default_archive_dir()
+        settings = self._settings(core_dtype)
+        path = self._archive_dir / f"{split}-{settings_key(settings)}.h5"
+        if not path.exists():
+            self._build(path, download, settings, core_dtype)
+        self._cores = CoreFile(path, expected_settings=settings)
+        self._target_list = [int(t) for t in self._cores.targets.tolist()]
+        self.classes = list(self._cores.meta["classes"])
+        self._data: Any = None
+
+    # -- hooks for subclasses ---------------------------------------------------------------------------
+    def _default_archive_dir(self) -> Path:
+        return Path(self.root) / "mps"
+
+    def _raw_exists(self) -> bool:
+        raise NotImplementedError
+
+    def _download(self) -> None:
+        raise NotImplementedError
+
+    def _source(self) -> RawSource:
+        raise NotImplementedError
+
+    def _not_found_message(self) -> str:
+        return "Dataset not found. You can use download=True to download it"
+
+    # -- building -----------------------------------------------------------------------------------------
+    def _settings(self, core_dtype: str) -> dict[str, Any]:
+        channels, height, width = self.image_shape
+        layout = make_layout(height, width, channels, self._options["site_dims"], self._options["channel_mode"])
+        terms = self._options["residual"] + 1
+        budget = {k: self._options[k] for k in ("ratio", "bond_dims", "max_bond", "tol")}
+        bonds, _ = _solve_bonds(layout, terms=terms, **budget)
+        return {
+            "dataset": type(self).__name__,
+            "split": self._split,
+            "image_shape": list(self.image_shape),
+            **self._options,
+            "layout": layout.describe(),
+            "resolved_bond_dims": list(bonds) if self._options["tol"] is None else None,
+            "core_dtype": core_dtype,
+        }
+
+    def _build(self, path: Path, download: bool, settings: dict[str, Any], core_dtype: str) -> None:
+        if not self._raw_exists():
+            if download:
+                self._download()
+            if not self._raw_exists():
+                raise RuntimeError(
+                    f"{self._not_found_message()} (no core file {path} and no raw data under {self.root})"
+                )
+        source = self._source()
+        if tuple(source.image_shape) != tuple(self.image_shape):
+            raise MPSDataError(f"raw images have shape {source.image_shape}, expected {self.image_shape}")
+        channels = source.image_shape[0]
+        write_core_file(
+            path,
+            source.batches(_BUILD_BATCH),
+            num_samples=source.num_samples,
+            image_shape=source.image_shape,
+            image_mode=self.image_mode,
+            options=self._options,
+            core_dtype=core_dtype,
+            settings=settings,
+            meta={"classes": source.classes, "source": source.identity, "channels": channels},
+        )
+
+    # -- the dataset ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._cores.num_samples
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """Returns ``(image, target)``: a PIL image of the original mode and size, and the class index."""
+        image = PIL.Image.fromarray(self._cores.decode_one(index))
+        target = self._target_list[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def decode_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
+        """Decode many images at once, the fast path for training loops.
+
+        Args:
+            indices: Sample indices.
+            device: Where to decode (``"cuda"`` decodes on the GPU); default CPU.
+
+        Returns:
+            uint8 tensor ``(len(indices), C, H, W)`` (no transforms applied).
+        """
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        return self._cores.decode(np.asarray(indices, dtype=np.int64), device=device)
+
+    @property
+    def class_to_idx(self) -> dict[Any, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+    @property
+    def archive(self) -> Path:
+        """Path of the HDF5 core file in use."""
+        return self._cores.path
+
+    @property
+    def ratio(self) -> float:
+        """Mean paper compression ratio of the stored images (parameters over pixel values)."""
+        g = self._cores.geometry
+        ranks = self._cores.ranks.to(torch.float64)  # (N, groups, n - 1)
+        ones = torch.ones_like(ranks[..., :1])
+        bonds = torch.cat([ones, ranks, ones], -1)
+        sites = torch.tensor(g.layout.site_dims, dtype=torch.float64)
+        params = (bonds[..., :-1] * sites * bonds[..., 1:]).sum((-1, -2))
+        values = float(np.prod(self.image_shape))
+        return float(params.mean() / values) if len(params) else 0.0
+
+    @property
+    def bytes_ratio(self) -> float:
+        """Bytes of the core file on disk over the bytes of the raw uint8 images."""
+        return self._cores.nbytes / max(1, len(self) * int(np.prod(self.image_shape)))
+
+    @property
+    def psnr(self) -> float:
+        """Mean PSNR (dB) of the stored uint8 images against the originals, measured at build time."""
+        mse = self._cores.mse.to(torch.float64).clamp_min(1e-10)
+        return float((10 * torch.log10(255.0**2 / mse)).mean()) if len(mse) else float("nan")
+
+    def _decoded(self) -> torch.Tensor:
+        if self._data is None:
+            blocks = [
+                self._cores.decode(np.arange(start, min(start + 8192, len(self))))
+                for start in range(0, len(self), 8192)
+            ]
+            c, h, w = self.image_shape
+            self._data = torch.cat(blocks) if blocks else torch.empty((0, c, h, w), dtype=torch.uint8)
+        return self._data
+
+    def extra_repr(self) -> str:
+        return "\n".join(
+            [
+                f"Split: {self._split.capitalize()}",
+                f"Ratio: {self.ratio:.4f} (parameters / pixel values)",
+                f"Bytes ratio: {self.bytes_ratio:.4f} (core file / raw uint8)",
+                f"Archive: {self.archive}",
+            ]
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_data"] = None  # decoded data is a cache; workers decode what they need
+        return state
+
+
+def _jsonable_sites(site_dims: SiteDims) -> Any:
+    if site_dims is None or isinstance(site_dims, str):
+        return site_dims
+    return [list(d) if isinstance(d, (tuple, list)) else int(d) for d in site_dims]
