@@ -290,7 +290,7 @@ class CoreFile:
                 self._read_metadata(f)
         except MPSDataError:
             raise
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as error:
+        except (OSError, KeyError, json.JSONDecodeError) as error:
             raise MPSDataError(
                 f"core file {self.path} is truncated, corrupted or not a core file ({error}); "
                 "delete it to rebuild it, or check it with `mpsdata verify`"
@@ -308,6 +308,7 @@ class CoreFile:
         self._pid: int | None = None
         self._h5: h5py.File | None = None
         self._memory: np.ndarray | None = None
+        self._single_memory: np.ndarray | None = None
 
     def _read_metadata(self, f: h5py.File) -> None:
         if f.attrs.get("format") != FORMAT:
@@ -344,12 +345,28 @@ class CoreFile:
         )
         self.num_samples = num_samples
         self.nbytes = self.path.stat().st_size
+        self._plan_single()
+
+    def _plan_single(self) -> None:
+        """Geometry of the per-item decoder, which contracts the cheaper direction (see _engine.mirror)."""
+        g = self.geometry
+        sites, bonds, scatter = g.layout.site_dims, g.bond_dims, g.layout.scatter_index
+        self._mirrored = _engine.contraction_cost(sites, bonds) > 1.25 * _engine.contraction_cost(
+            sites[::-1], bonds[::-1]
+        )
+        if self._mirrored:
+            _, sites, bonds, scatter = _engine.mirror(
+                np.zeros((0, int(g.offsets[-1])), np.float32), sites, bonds, scatter
+            )
+        s, c = np.asarray(sites, np.int64), np.asarray(bonds, np.int64)
+        self._single = (np.concatenate([[len(s)], s, c, _kernels._offsets(s, c)]), scatter)
 
     # -- process-local state ------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_h5"] = None  # never ship a handle (or a copy of the cores) to another process
         state["_memory"] = None
+        state["_single_memory"] = None
         state["_pid"] = None
         return state
 
@@ -370,7 +387,7 @@ class CoreFile:
 
     def load(self) -> np.ndarray:
         """All cores packed as float32 ``(N, groups, P)``, read once per process and checksummed."""
-        if self._memory is None or self._pid != os.getpid():
+        if self._memory is None:  # arrays inherited through fork stay valid; only handles do not
             f = self._file()
             names = _dataset_names(f)[: len(self.geometry.layout.site_dims)]
             parts = []
@@ -384,7 +401,19 @@ class CoreFile:
                     )
                 parts.append(data.reshape(self.num_samples, self.geometry.groups, -1))
             self._memory = np.concatenate(parts, axis=2).astype(np.float32)
+            self._single_memory = None
         return self._memory
+
+    def _single_cores(self) -> np.ndarray:
+        """In-memory cores in the orientation the per-item decoder reads."""
+        memory = self.load()
+        if self._single_memory is None:
+            g = self.geometry
+            if self._mirrored:
+                self._single_memory = _engine.mirror(memory, g.layout.site_dims, g.bond_dims, g.layout.scatter_index)[0]
+            else:
+                self._single_memory = memory
+        return self._single_memory
 
     def packed(self, indices: np.ndarray) -> np.ndarray:
         """Cores of some images, packed float32 ``(len(indices), groups, P)``."""
@@ -420,12 +449,14 @@ class CoreFile:
     def decode_one(self, index: int) -> np.ndarray:
         """One uint8 image as ``(H, W)`` or ``(H, W, C)``, the fast path behind ``__getitem__``."""
         g = self.geometry
-        cores = self.load()[index].reshape(g.groups // g.terms, g.terms, -1)
-        out = np.empty((cores.shape[0], g.layout.num_values), np.uint8)
-        _kernels._decode_chunk(cores, g.sites, g.caps, g.offsets, g.layout.scatter_index, 1, out, True)
-        channels = out.size // (g.layout.height * g.layout.width)
-        image = out.reshape(channels, g.layout.height, g.layout.width)
-        return image[0] if channels == 1 else image.transpose(1, 2, 0)
+        memory = self._single_memory if self._single_memory is not None else self._single_cores()
+        cores = memory[index].reshape(g.groups // g.terms, g.terms, -1)
+        layout = g.layout
+        out = np.empty((cores.shape[0], layout.num_values), np.uint8)
+        _kernels._decode_single(cores, self._single[0], self._single[1], out)
+        if out.shape[0] * layout.num_values == layout.height * layout.width:
+            return out.reshape(layout.height, layout.width)
+        return out.reshape(-1, layout.height, layout.width).transpose(1, 2, 0)
 
     def verify(self) -> dict[str, Any]:
         """Check every checksum and decode every image; returns a small report."""

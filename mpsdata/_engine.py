@@ -113,6 +113,45 @@ def encode(
     return _encode_torch(x, gather, site_dims, bonds, tol, terms, dtype, tails)
 
 
+def contraction_cost(site_dims: Sequence[int], bonds: Sequence[int]) -> int:
+    """Multiply-adds of a left-to-right contraction of one MPS."""
+    full = [1, *bonds, 1]
+    cost, rows = 0, site_dims[0]
+    for k in range(1, len(site_dims)):
+        cost += rows * full[k] * site_dims[k] * full[k + 1]
+        rows *= site_dims[k]
+    return cost
+
+
+def mirror(
+    packed: np.ndarray, site_dims: Sequence[int], bonds: Sequence[int], scatter: np.ndarray
+) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...], np.ndarray]:
+    """The same MPS with its sites in reverse order, for a cheaper left-to-right contraction.
+
+    A big first site (hierarchical layouts put the coarse digits first, e.g. 49 for 28x28) makes every
+    left-to-right step wide; contracting the mirrored chain costs e.g. 3.2k instead of 6.3k multiply-adds
+    for 28x28 with sites (49, 4, 4). Returns the packed cores, sites, bonds and the scatter index of the
+    mirror image; decoding them gives the same image.
+    """
+    full = [1, *bonds, 1]
+    offs = core_offsets(site_dims, bonds)
+    lead = packed.shape[:-1]
+    cores = [
+        packed[..., offs[k] : offs[k + 1]].reshape(*lead, full[k], j, full[k + 1]) for k, j in enumerate(site_dims)
+    ]
+    mirrored = [np.swapaxes(c, -1, -3).reshape(*lead, c.shape[-1] * c.shape[-2] * c.shape[-3]) for c in reversed(cores)]
+    n = int(np.prod(site_dims))
+    # Position p in site order has digits (s_1..s_n); in the mirror it sits at digits (s_n..s_1).
+    digits = np.unravel_index(np.arange(n), tuple(site_dims))
+    moved = np.ravel_multi_index(tuple(reversed(digits)), tuple(reversed(site_dims)))
+    return (
+        np.ascontiguousarray(np.concatenate(mirrored, axis=-1)),
+        tuple(reversed(site_dims)),
+        tuple(reversed(bonds)),
+        moved[scatter],
+    )
+
+
 def decode(
     cores: torch.Tensor,
     scatter: np.ndarray,
@@ -129,6 +168,9 @@ def decode(
     if backend == "auto":
         backend = "numba" if cores.device.type == "cpu" else "torch"
     if backend == "numba":
+        if contraction_cost(site_dims, bonds) > 1.25 * contraction_cost(site_dims[::-1], bonds[::-1]):
+            flipped, site_dims, bonds, scatter = mirror(cores.float().numpy(), site_dims, bonds, scatter)
+            cores = torch.from_numpy(flipped)
         return _decode_numba(cores, scatter, site_dims, bonds, quantize)
     return _decode_torch(cores, scatter, site_dims, bonds, quantize)
 

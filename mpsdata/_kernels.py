@@ -523,3 +523,49 @@ def _decode_chunk(cores, sites, caps, offs, scatter, lanes, out, quantize):
                 if quantize:
                     v = min(max(np.floor(v + 0.5), 0.0), 255.0)
                 out[b0 + lane, p] = v
+
+
+@numba.njit(**_JIT)
+def _decode_single(cores, geometry, scatter, out):
+    """Contract the MPS of one image (``cores`` ``(groups, terms, P)``) into uint8 ``out`` ``(groups, V)``.
+
+    The per-item path of the datasets: one image has no lanes to vectorise over, so the innermost loops
+    run along the cores instead. ``geometry`` packs ``[n, sites..., caps..., offsets...]`` into one array to
+    keep the call cheap (numba unboxes every argument on every call).
+    """
+    n_sites = geometry[0]
+    sites = geometry[1 : 1 + n_sites]
+    caps = geometry[1 + n_sites : 2 * n_sites]
+    offs = geometry[2 * n_sites :]
+    groups, terms, _ = cores.shape
+    N = 1
+    for k in range(n_sites):
+        N *= sites[k]
+    A = np.empty(N, cores.dtype)
+    B = np.empty(N, cores.dtype)
+    acc = np.empty(N, cores.dtype)
+    for g in range(groups):
+        acc[:] = 0.0
+        for term in range(terms):
+            core = cores[g, term]
+            rows = sites[0]
+            r = caps[0]
+            for i in range(rows * r):
+                A[i] = core[i]
+            for k in range(1, n_sites):
+                w = sites[k] * (caps[k] if k < n_sites - 1 else 1)
+                off = offs[k]
+                for i in range(rows):
+                    for t in range(w):
+                        B[i * w + t] = 0.0
+                    for a in range(r):
+                        v = A[i * r + a]
+                        for t in range(w):
+                            B[i * w + t] += v * core[off + a * w + t]
+                A, B = B, A
+                rows *= sites[k]
+                r = w // sites[k]
+            for i in range(N):
+                acc[i] += A[i]
+        for p in range(scatter.shape[0]):
+            out[g, p] = min(max(np.floor(acc[scatter[p]] + 0.5), 0.0), 255.0)
