@@ -295,7 +295,7 @@ def _ttsvd_torch(a: torch.Tensor, site_dims, bonds, tol):
             cur = u.mT @ mat
         else:
             sq = evals[..., :cap]
-            sigma = torch.where((sq > eps * sq[..., :1] * ncol) & keep, sq.sqrt(), 0)
+            sigma = torch.where((sq > eps * eps * sq[..., :1]) & keep, sq.sqrt(), 0)
             inv = torch.where(sigma > 0, 1 / sigma, 0)
             u = (mat @ evecs) * inv[:, None, :]
             cur = sigma[..., :, None] * evecs.mT

@@ -295,9 +295,11 @@ def _ttsvd_block(X, sites, caps, offs, use_tol, delta2, core, C, C2, G, V, Vs, s
                         G[q, p, lane] = G[p, q, lane]
             _eigh_lanes(G, V, ncol, eps, W, dv, ev)
             _select(G, V, ncol, cap, use_tol, delta2, Vs, sv, ranks[k], eps2[k])
-            # sv holds squared singular values; a singular value at rounding level carries no signal
+            # sv holds squared singular values. U = C V / sigma and the remainder sigma V^T multiply back to
+            # C V V^T whatever sigma's accuracy, so only values below rounding level (which could overflow
+            # the division) are dropped.
             for lane in range(L):
-                floor = eps * sv[0, lane] * ncol
+                floor = eps * eps * sv[0, lane]
                 for a in range(cap):
                     sv[a, lane] = np.sqrt(sv[a, lane]) if sv[a, lane] > floor else 0.0
             for i in range(m):

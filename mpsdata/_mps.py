@@ -71,7 +71,7 @@ class MPS:
     @property
     def cores(self) -> tuple[torch.Tensor, ...]:
         """Core ``k`` as a view of shape ``(*batch_shape, terms, d_{k-1}, j_k, d_k)``."""
-        packed = self._packed.reshape(*self.batch_shape, self.terms, -1)
+        packed = self._packed.reshape(*self.batch_shape, self.terms, self._packed.shape[-1])
         return tuple(_engine.unpack(packed, self.site_dims, self.bond_dims))
 
     # -- per-image figures ------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ class MPS:
 
         Equal to :attr:`bond_dims` except where a tolerance stopped an image earlier.
         """
-        return self._ranks.reshape(*self.batch_shape, self.terms, -1)
+        return self._ranks.reshape(*self.batch_shape, self.terms, len(self.bond_dims))
 
     @property
     def ratio(self) -> torch.Tensor:
@@ -104,7 +104,7 @@ class MPS:
         a rank-``d_k`` truncation discards from the ``k``-th unfolding of the image the term decomposes
         (the image itself for the first term, the residual left by the previous terms after it).
         """
-        return self._need_tails().clamp_min(0).sqrt().reshape(*self.batch_shape, self.terms, -1)
+        return self._need_tails().clamp_min(0).sqrt().reshape(*self.batch_shape, self.terms, len(self.bond_dims))
 
     @property
     def error_bound(self) -> torch.Tensor:
