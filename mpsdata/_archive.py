@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from ._layout import Layout
 from ._mps import decompose
 from ._version import __version__ as _version
 
-__all__ = ["FORMAT_VERSION", "CoreFile", "write_core_file", "settings_key"]
+__all__ = ["FORMAT_VERSION", "CoreFile", "check_header", "write_core_file", "settings_key"]
 
 FORMAT = "mpsdata-cores"
 FORMAT_VERSION = 1
@@ -63,6 +64,7 @@ def _layout_to_json(layout: Layout) -> dict[str, Any]:
         "cols": None if layout.cols is None else list(layout.cols),
         "padded_height": layout.padded_height,
         "padded_width": layout.padded_width,
+        "channel_site": layout.channel_site,
     }
 
 
@@ -76,6 +78,7 @@ def _layout_from_json(data: dict[str, Any]) -> Layout:
         cols=None if data["cols"] is None else tuple(int(v) for v in data["cols"]),
         padded_height=int(data["padded_height"]),
         padded_width=int(data["padded_width"]),
+        channel_site=bool(data.get("channel_site", False)),
     )
 
 
@@ -253,13 +256,114 @@ def _hash_datasets(f: h5py.File, write: bool) -> str:
     return total.hexdigest()
 
 
+def _checked(f: h5py.File, name: str) -> np.ndarray:
+    """A dataset read whole, after its sha256 attribute matched."""
+    data = f[name][:]
+    if hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest() != f[name].attrs.get("sha256"):
+        raise MPSDataError(
+            f"core file {f.filename}: {name} fails its checksum, the file is corrupted; delete it to rebuild it"
+        )
+    return data
+
+
 def _dataset_names(f: h5py.File) -> list[str]:
-    sites = sorted(f["cores"].keys(), key=lambda s: int(s.split("_")[1]))
+    names = list(f["cores"].keys())
+    if any(re.fullmatch(r"site_\d{1,4}", name) is None for name in names):
+        raise MPSDataError(f"{f.filename}: /cores holds {_short(names)}; expected site_0, site_1, ...")
+    sites = sorted(names, key=lambda s: int(s.split("_")[1]))
     return [f"cores/{s}" for s in sites] + ["ranks", "mse", "targets"]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading
+_MAX_VALUES = 1 << 28  # values per image when the settings give no image shape (16k x 16k)
+_MAX_OBJECTS = 100_000  # HDF5 groups and datasets walked when checking a file
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of an untrusted value, cut so that a hostile file cannot flood an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_header(path: Path, settings: dict[str, Any] | None = None) -> None:
+    """Validate an untrusted file before reading anything large from it.
+
+    Only hard links and plain numeric datasets inside the file, no dataset declaring more bytes than the file
+    could hold, and a layout whose index arrays stay bounded: a small hostile file cannot make a reader
+    allocate gigabytes.
+    """
+    size = path.stat().st_size
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            _check_objects(f, size)
+            if "layout" in f.attrs:
+                _check_layout(f.attrs["layout"], settings)
+    except MPSDataError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError) as error:
+        raise MPSDataError(
+            f"core file {path} is truncated, corrupted or not a core file ({_short(str(error))}); "
+            "delete it to rebuild it, or check it with `mpsdata verify`"
+        ) from None
+
+
+def _check_objects(f: h5py.File, file_size: int) -> None:
+    """Only hard links, no virtual or external data, and no dataset declaring more bytes than the file could hold
+    (datasets are read whole by CoreFile: a tiny file may declare a terabyte of fill values)."""
+    stack = [f]
+    seen = 0
+    while stack:
+        group = stack.pop()
+        for key in group:
+            seen += 1
+            if seen > _MAX_OBJECTS:
+                raise MPSDataError(f"{f.filename} holds more than {_MAX_OBJECTS} HDF5 objects")
+            link = group.get(key, getlink=True)
+            where = f"{group.name.rstrip('/')}/{key}"
+            if not isinstance(link, h5py.HardLink):
+                raise MPSDataError(f"{f.filename}: {where} is a {type(link).__name__}; core files hold no links")
+            obj = group[key]
+            if isinstance(obj, h5py.Group):
+                stack.append(obj)
+                continue
+            if obj.is_virtual or obj.external:
+                raise MPSDataError(f"{f.filename}: {where} reads data outside the file")
+            if obj.dtype.kind not in "biuf" or obj.dtype.itemsize > 16:
+                raise MPSDataError(f"{f.filename}: {where} has dtype {obj.dtype}; core files hold plain numbers")
+            nbytes = math.prod(obj.shape) * obj.dtype.itemsize
+            filtered = obj.id.get_create_plist().get_nfilters() > 0
+            limit = file_size * (64 if filtered else 1) + (1 << 16)  # compression may shrink data, not 64-fold
+            if nbytes > limit:
+                raise MPSDataError(
+                    f"{f.filename}: {where} declares shape {_short(obj.shape)} ({nbytes} bytes) in a file of "
+                    f"{file_size} bytes; the file is hostile or corrupted"
+                )
+
+
+def _check_layout(text: Any, settings: dict[str, Any] | None) -> None:
+    """The per-image index arrays CoreFile builds are as large as the layout's padded image: bound it."""
+    layout = json.loads(text)
+    try:
+        sites = [int(v) for v in layout["site_dims"]]
+        dims = [int(layout[k]) for k in ("channels", "height", "width", "padded_height", "padded_width")]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise MPSDataError("the core file's layout attribute is malformed") from None
+    channels, height, width, padded_height, padded_width = dims
+    values = channels * padded_height * padded_width
+    cap = _MAX_VALUES
+    shape = (settings or {}).get("image_shape")
+    if isinstance(shape, list) and shape and all(type(v) is int and v > 0 for v in shape):
+        cap = 16 * math.prod(shape)  # padding to a smooth size at most doubles each side
+    if min(dims) < 1 or min(sites, default=0) < 1 or padded_height < height or padded_width < width:
+        raise MPSDataError(f"the core file's layout has non-positive or shrinking sizes: {_short(layout)}")
+    if math.prod(sites) != values or values > cap:
+        raise MPSDataError(
+            f"the core file's layout places {values} values on sites {_short(sites)} (product "
+            f"{math.prod(sites)}); expected equal and at most {cap}"
+        )
+
+
 @dataclass(frozen=True)
 class _Geometry:
     layout: Layout
@@ -286,6 +390,7 @@ class CoreFile:
     def __init__(self, path: str | os.PathLike, expected_settings: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         try:
+            check_header(self.path, expected_settings)
             with h5py.File(self.path, "r", locking=False) as f:
                 self._read_metadata(f)
         except MPSDataError:
@@ -333,9 +438,10 @@ class CoreFile:
             expected = (num_samples, groups, full[k], layout.site_dims[k], full[k + 1])
             if tuple(ds.shape) != expected:
                 raise MPSDataError(f"core file {self.path}: site {k} has shape {ds.shape}, expected {expected}")
-        self.targets = torch.from_numpy(f["targets"][:])
-        self.ranks = torch.from_numpy(f["ranks"][:].astype(np.int64))
-        self.mse = torch.from_numpy(f["mse"][:])
+        # Read whole and checksummed: a flipped byte in the labels must not train a model silently.
+        self.targets = torch.from_numpy(_checked(f, "targets"))
+        self.ranks = torch.from_numpy(_checked(f, "ranks").astype(np.int64))
+        self.mse = torch.from_numpy(_checked(f, "mse"))
         self.core_dtype = str(sites[0].dtype)
         terms = int(self.settings.get("residual", 0)) + 1
         sites_arr = np.asarray(layout.site_dims, np.int64)
@@ -392,13 +498,7 @@ class CoreFile:
             names = _dataset_names(f)[: len(self.geometry.layout.site_dims)]
             parts = []
             for name in names:
-                ds = f[name]
-                data = ds[:]
-                if hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest() != ds.attrs.get("sha256"):
-                    raise MPSDataError(
-                        f"core file {self.path}: {name} fails its checksum, the file is corrupted; "
-                        "delete it to rebuild it"
-                    )
+                data = _checked(f, name)
                 parts.append(data.reshape(self.num_samples, self.geometry.groups, -1))
             self._memory = np.concatenate(parts, axis=2).astype(np.float32)
             self._single_memory = None
@@ -442,9 +542,10 @@ class CoreFile:
         if device is not None:
             packed = packed.to(device)
         n = idx.size
-        flat = packed.reshape(n * g.groups // g.terms, g.terms, -1)
+        flat = packed.reshape(n * g.groups // g.terms, g.terms, packed.shape[-1])
         images = _engine.decode(flat, g.layout.scatter_index, g.layout.site_dims, g.bond_dims, quantize=True)
-        return images.reshape(n, -1, g.layout.height, g.layout.width)
+        channels = g.layout.num_values * g.groups // g.terms // (g.layout.height * g.layout.width)
+        return images.reshape(n, channels, g.layout.height, g.layout.width)
 
     def decode_one(self, index: int) -> np.ndarray:
         """One uint8 image as ``(H, W)`` or ``(H, W, C)``, the fast path behind ``__getitem__``."""

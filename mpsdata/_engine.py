@@ -169,7 +169,8 @@ def decode(
         backend = "numba" if cores.device.type == "cpu" else "torch"
     if backend == "numba":
         if contraction_cost(site_dims, bonds) > 1.25 * contraction_cost(site_dims[::-1], bonds[::-1]):
-            flipped, site_dims, bonds, scatter = mirror(cores.float().numpy(), site_dims, bonds, scatter)
+            floats = cores if cores.dtype in (torch.float32, torch.float64) else cores.float()
+            flipped, site_dims, bonds, scatter = mirror(floats.numpy(), site_dims, bonds, scatter)
             cores = torch.from_numpy(flipped)
         return _decode_numba(cores, scatter, site_dims, bonds, quantize)
     return _decode_torch(cores, scatter, site_dims, bonds, quantize)

@@ -163,6 +163,7 @@ def make_layout(
         if site_dims == "row":
             ph, pw = _smooth_at_least(height), _smooth_at_least(width)
             sites = _balanced_sites(_prime_factors(ph * pw), _DEFAULT_ROW_SITES)
+            _check_sites(sites + channel_site)
             return Layout(height, width, site_channels, sites + channel_site, None, None, ph, pw, site_mode)
         if site_dims == "hierarchical":
             ph, pw = _smooth_at_least(height), _smooth_at_least(width)

@@ -1,4 +1,4 @@
-"""The ``mpsdata`` command line: build, info, verify and show core files."""
+"""The ``mpsdata`` command line: build, info, verify and show core files; pack and download archives."""
 
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--count", type=int, default=8, help="images to show")
     show.add_argument("--root", type=Path, help="dataset root holding the raw data, to show the originals too")
     show.set_defaults(handler=_show)
+
+    from .download import register_commands
+
+    register_commands(commands)
     return parser
 
 
@@ -84,8 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.handler(args) or 0)
-    except (MPSDataError, ValueError, TypeError, FileNotFoundError) as error:
-        print(f"mpsdata {args.command}: error: {error}", file=sys.stderr)
+    except (MPSDataError, RuntimeError, ValueError, TypeError, FileNotFoundError) as error:
+        message = str(error)
+        if "download=True" in message:
+            message += " (on the command line: --download)"
+        print(f"mpsdata {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 
@@ -304,6 +311,8 @@ def _originals(cores, root: Path, count: int) -> np.ndarray:
         ds = cls(root, split=split, **options)
     else:
         ds = cls(root, train=split == "train", **options)
+    if not ds._raw_exists():
+        raise ValueError(f"--root {root} holds no raw data for {name}; give the root the file was built from")
     images, _ = next(ds._source().batches(count))
     return images[:count].numpy()
 

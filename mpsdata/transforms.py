@@ -120,7 +120,7 @@ class MPSCompress(Transform):
             )
         array = np.asarray(img)
         hwc = array[:, :, None] if array.ndim == 2 else array
-        chw = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+        chw = torch.from_numpy(hwc.transpose(2, 0, 1).copy())  # PIL's buffer is read-only
         out = np.ascontiguousarray(self._tensor(chw).numpy().transpose(1, 2, 0))
         return PIL.Image.frombytes(img.mode, img.size, out.tobytes())
 

@@ -18,6 +18,7 @@ from .._errors import MPSDataError
 from .._layout import make_layout
 from .._mps import _solve_bonds, check_budget
 from .._typing import ChannelMode, SiteDims
+from ..download import fetch_published
 
 __all__ = ["MPSVisionDataset", "RawSource"]
 
@@ -46,7 +47,10 @@ class MPSVisionDataset(VisionDataset):
     Subclasses provide the raw data (:meth:`_raw_exists`, :meth:`_download`, :meth:`_source`) and attributes.
 
     The MPS options are keyword-only, as in :func:`mpsdata.decompose`; ``ratio`` defaults to 0.4 when no
-    other budget is given. ``core_dtype`` is the storage precision (``"float16"`` or ``"float32"``).
+    other budget is given. ``core_dtype`` is the storage precision (``"float16"`` or ``"float32"``);
+    ``archive_dir`` where core files live. With ``download=True`` a pre-compressed core file published for
+    exactly these settings is fetched first (from ``mirrors``, ``MPSDATA_MIRROR`` or the shipped manifest, see
+    docs/hosting.md); only when none is published is the raw data downloaded and compressed here.
     """
 
     image_mode = "L"
@@ -70,6 +74,7 @@ class MPSVisionDataset(VisionDataset):
         channel_mode: ChannelMode = "separate",
         core_dtype: str = DEFAULT_CORE_DTYPE,
         archive_dir: str | os.PathLike | None = None,
+        mirrors: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
         if ratio is None and bond_dims is None and max_bond is None and tol is None:
@@ -87,6 +92,7 @@ class MPSVisionDataset(VisionDataset):
             "channel_mode": channel_mode,
         }
         self._split = split
+        self._mirrors = mirrors
         self._archive_dir = Path(archive_dir) if archive_dir is not None else self._default_archive_dir()
         settings = self._settings(core_dtype)
         path = self._archive_dir / f"{split}-{settings_key(settings)}.h5"
@@ -131,6 +137,8 @@ class MPSVisionDataset(VisionDataset):
         }
 
     def _build(self, path: Path, download: bool, settings: dict[str, Any], core_dtype: str) -> None:
+        if download and fetch_published(settings, path, self._mirrors):
+            return  # a published core file for exactly these settings is now at `path`
         if not self._raw_exists():
             if download:
                 self._download()

@@ -58,6 +58,8 @@ class MPSImageFolder(MPSVisionDataset):
         root: Folder of class folders, as for torchvision.
         transform: Transform of the PIL image (RGB, ``image_size`` square).
         target_transform: Transform of the target.
+        download: Fetch a pre-compressed core file published for these settings, if any (images are never
+            downloaded).
         image_size: Side of the stored square images (default 256).
         build_workers: Processes reading images during the build (default: up to 4).
         **options: Keyword-only MPS options, as in :class:`mpsdata.MPSCIFAR10`. ``archive_dir`` defaults to
@@ -75,6 +77,7 @@ class MPSImageFolder(MPSVisionDataset):
         transform=None,
         target_transform=None,
         *,
+        download: bool = False,
         image_size: int = DEFAULT_IMAGE_SIZE,
         build_workers: int | None = None,
         **options: Any,
@@ -84,7 +87,7 @@ class MPSImageFolder(MPSVisionDataset):
         self.image_size = image_size
         self.image_shape = (3, image_size, image_size)
         self._build_workers = min(4, os.cpu_count() or 1) if build_workers is None else build_workers
-        super().__init__(root, self._split_name(), transform, target_transform, False, **options)
+        super().__init__(root, self._split_name(), transform, target_transform, download, **options)
 
     def _split_name(self) -> str:
         return "all"
@@ -100,7 +103,10 @@ class MPSImageFolder(MPSVisionDataset):
         return self._image_root().is_dir()
 
     def _download(self) -> None:
-        raise RuntimeError(f"{type(self).__name__} cannot download; put the images under {self.root}")
+        pass  # no raw images to fetch: the caller reports them missing
+
+    def _not_found_message(self) -> str:
+        return f"Image folder not found: {self._image_root()} holds no class folders of images"
 
     def _listing(self) -> torchvision.datasets.ImageFolder:
         return torchvision.datasets.ImageFolder(str(self._image_root()))
@@ -144,6 +150,8 @@ class MPSImageNet(MPSImageFolder):
         root: ImageNet root, as for torchvision.
         split: ``"train"`` or ``"val"``.
         transform, target_transform: As torchvision's.
+        download: Fetch a pre-compressed core file published for these settings; the raw images can only be
+            downloaded by hand.
         image_size, build_workers, **options: As :class:`MPSImageFolder`; ``archive_dir`` defaults to
             ``root/mps``.
 
@@ -153,10 +161,19 @@ class MPSImageNet(MPSImageFolder):
         targets: list of int.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", transform=None, target_transform=None, **options):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        transform=None,
+        target_transform=None,
+        *,
+        download: bool = False,
+        **options: Any,
+    ) -> None:
         torchvision.datasets.utils.verify_str_arg(split, "split", ("train", "val"))
         self._imagenet_split = split
-        super().__init__(root, transform, target_transform, **options)
+        super().__init__(root, transform, target_transform, download=download, **options)
         self.split = split
         self.classes = [tuple(names) for names in self.classes]
         self.wnids = list(self._cores.meta["source"]["wnids"])
@@ -175,12 +192,6 @@ class MPSImageNet(MPSImageFolder):
         has_meta = (root / "meta.bin").is_file() or (root / _DEVKIT).is_file()
         has_split = self._image_root().is_dir() or (root / _SPLIT_ARCHIVES[self._imagenet_split]).is_file()
         return has_meta and has_split
-
-    def _download(self) -> None:
-        raise RuntimeError(
-            "ImageNet cannot be downloaded automatically: get ILSVRC2012_devkit_t12.tar.gz and "
-            f"{_SPLIT_ARCHIVES[self._imagenet_split]} from https://image-net.org and put them in {self.root}"
-        )
 
     def _not_found_message(self) -> str:
         return (
