@@ -20,7 +20,7 @@ from .._mps import _solve_bonds, check_budget
 from .._typing import ChannelMode, SiteDims
 from ..download import fetch_published
 
-__all__ = ["MPSVisionDataset", "RawSource"]
+__all__ = ["MPSVisionDataset", "RawSource", "TrainTestDataset"]
 
 DEFAULT_RATIO = 0.4
 #: Storage precision of the cores, chosen by measurement (docs/format.md): float16 costs < 0.01 dB.
@@ -252,3 +252,19 @@ def _jsonable_sites(site_dims: SiteDims) -> Any:
     if site_dims is None or isinstance(site_dims, str):
         return site_dims
     return [list(d) if isinstance(d, (tuple, list)) else int(d) for d in site_dims]
+
+
+class TrainTestDataset(MPSVisionDataset):
+    """Base of the datasets with torchvision's ``train=True`` switch (MNIST family, CIFAR)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        train: bool = True,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        download: bool = False,
+        **options: Any,
+    ) -> None:
+        self.train = train
+        super().__init__(root, "train" if train else "test", transform, target_transform, download, **options)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torchvision
 
-from ._base import MPSVisionDataset, RawSource
+from ._base import RawSource, TrainTestDataset
 
 __all__ = ["MPSCIFAR10", "MPSCIFAR100"]
 
 
-class MPSCIFAR10(MPSVisionDataset):
+class MPSCIFAR10(TrainTestDataset):
     """CIFAR-10 whose images are stored as MPS cores; a drop-in for ``torchvision.datasets.CIFAR10``.
 
     The raw pickle batches are read (and md5-checked) by torchvision from ``root/cifar-10-batches-py``, so a
@@ -39,18 +37,6 @@ class MPSCIFAR10(MPSVisionDataset):
     _torchvision_cls: type = torchvision.datasets.CIFAR10
     image_mode = "RGB"
     image_shape = (3, 32, 32)
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        train: bool = True,
-        transform=None,
-        target_transform=None,
-        download: bool = False,
-        **options: Any,
-    ) -> None:
-        self.train = train
-        super().__init__(root, "train" if train else "test", transform, target_transform, download, **options)
 
     def _default_archive_dir(self) -> Path:
         return Path(self.root) / self._torchvision_cls.base_folder / "mps"

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torchvision
 
 from .._errors import MPSDataError
-from ._base import MPSVisionDataset, RawSource
+from ._base import RawSource, TrainTestDataset
 
 __all__ = ["MPSMNIST", "MPSFashionMNIST"]
 
 
-class MPSMNIST(MPSVisionDataset):
+class MPSMNIST(TrainTestDataset):
     """MNIST whose images are stored as MPS cores; a drop-in for ``torchvision.datasets.MNIST``.
 
     Raw files are read from ``root/MNIST/raw`` (torchvision's layout, ``.gz`` or extracted), so a user who
@@ -42,18 +40,6 @@ class MPSMNIST(MPSVisionDataset):
     _torchvision_cls: type = torchvision.datasets.MNIST
     image_mode = "L"
     image_shape = (1, 28, 28)
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        train: bool = True,
-        transform=None,
-        target_transform=None,
-        download: bool = False,
-        **options: Any,
-    ) -> None:
-        self.train = train
-        super().__init__(root, "train" if train else "test", transform, target_transform, download, **options)
 
     @property
     def raw_folder(self) -> Path:
