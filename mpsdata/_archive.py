@@ -565,6 +565,9 @@ class CoreFile:
             total = _hash_datasets(f, write=False)
         if total != self.content_sha256:
             raise MPSDataError(f"core file {self.path}: content checksum mismatch, the file is corrupted")
+        from .distill import load_bias
+
+        load_bias(self.path)  # a stored residual bias is checked against its own checksums too
         decoded = 0
         for start in range(0, self.num_samples, _HASH_BLOCK):
             images = self.decode(np.arange(start, min(start + _HASH_BLOCK, self.num_samples)))

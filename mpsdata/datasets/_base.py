@@ -48,7 +48,9 @@ class MPSVisionDataset(VisionDataset):
 
     The MPS options are keyword-only, as in :func:`mpsdata.decompose`; ``ratio`` defaults to 0.4 when no
     other budget is given. ``core_dtype`` is the storage precision (``"float16"`` or ``"float32"``);
-    ``archive_dir`` where core files live. With ``download=True`` a pre-compressed core file published for
+    ``archive_dir`` where core files live; ``bias=True`` serves the images with the residual bias stored by
+    :func:`mpsdata.distill.save_bias` (and counts it in ``ratio`` and ``bytes_ratio``). With ``download=True`` a
+    pre-compressed core file published for
     exactly these settings is fetched first (from ``mirrors``, ``MPSDATA_MIRROR`` or the shipped manifest, see
     docs/hosting.md); only when none is published is the raw data downloaded and compressed here.
     """
@@ -75,6 +77,7 @@ class MPSVisionDataset(VisionDataset):
         core_dtype: str = DEFAULT_CORE_DTYPE,
         archive_dir: str | os.PathLike | None = None,
         mirrors: str | Sequence[str] | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
         if ratio is None and bond_dims is None and max_bond is None and tol is None:
@@ -102,6 +105,16 @@ class MPSVisionDataset(VisionDataset):
         self._target_list = [int(t) for t in self._cores.targets.tolist()]
         self.classes = list(self._cores.meta["classes"])
         self._data: Any = None
+        self._bias = None
+        if bias:
+            from ..distill import load_bias
+
+            self._bias = load_bias(path)
+            if self._bias is None:
+                raise MPSDataError(
+                    f"no residual bias is stored in {path}; learn one with mpsdata.distill.fit and store it with "
+                    "mpsdata.distill.save_bias, or open the dataset with bias=False"
+                )
 
     # -- hooks for subclasses ---------------------------------------------------------------------------
     def _default_archive_dir(self) -> Path:
@@ -168,7 +181,10 @@ class MPSVisionDataset(VisionDataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         """Returns ``(image, target)``: a PIL image of the original mode and size, and the class index."""
-        image = PIL.Image.fromarray(self._cores.decode_one(index))
+        array = self._cores.decode_one(index)
+        if self._bias is not None:
+            array = self._bias.apply_uint8_item(array, index)
+        image = PIL.Image.fromarray(array)
         target = self._target_list[index]
         if self.transform is not None:
             image = self.transform(image)
@@ -176,19 +192,30 @@ class MPSVisionDataset(VisionDataset):
             target = self.target_transform(target)
         return image, target
 
-    def decode_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
+    def decode_batch(
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, device=None, *, bias: bool | None = None
+    ) -> torch.Tensor:
         """Decode many images at once, the fast path for training loops.
 
         Args:
             indices: Sample indices.
             device: Where to decode (``"cuda"`` decodes on the GPU); default CPU.
+            bias: Add the stored residual bias; default: as the dataset was opened (``bias=``).
 
         Returns:
             uint8 tensor ``(len(indices), C, H, W)`` (no transforms applied).
         """
         if isinstance(indices, torch.Tensor):
             indices = indices.cpu().numpy()
-        return self._cores.decode(np.asarray(indices, dtype=np.int64), device=device)
+        index = np.asarray(indices, dtype=np.int64)
+        images = self._cores.decode(index, device=device)
+        if bias is None:
+            bias = self._bias is not None
+        if bias:
+            if self._bias is None:
+                raise ValueError("this dataset was opened without its bias: open it with bias=True")
+            images = self._bias.apply_uint8(images, torch.from_numpy(index % max(len(self), 1)))
+        return images
 
     @property
     def class_to_idx(self) -> dict[Any, int]:
@@ -201,7 +228,8 @@ class MPSVisionDataset(VisionDataset):
 
     @property
     def ratio(self) -> float:
-        """Mean paper compression ratio of the stored images (parameters over pixel values)."""
+        """Mean paper compression ratio of the stored images (parameters over pixel values), the residual
+        bias included when the dataset serves it (``bias=True``)."""
         g = self._cores.geometry
         ranks = self._cores.ranks.to(torch.float64)  # (N, groups, n - 1)
         ones = torch.ones_like(ranks[..., :1])
@@ -209,12 +237,20 @@ class MPSVisionDataset(VisionDataset):
         sites = torch.tensor(g.layout.site_dims, dtype=torch.float64)
         params = (bonds[..., :-1] * sites * bonds[..., 1:]).sum((-1, -2))
         values = float(np.prod(self.image_shape))
-        return float(params.mean() / values) if len(params) else 0.0
+        cores = float(params.mean() / values) if len(params) else 0.0
+        return cores + (self._bias.ratio if self._bias is not None else 0.0)
 
     @property
     def bytes_ratio(self) -> float:
-        """Bytes of the core file on disk over the bytes of the raw uint8 images."""
-        return self._cores.nbytes / max(1, len(self) * int(np.prod(self.image_shape)))
+        """Bytes on disk over the bytes of the raw uint8 images: the core file, without its residual bias
+        group unless the dataset serves the bias (``bias=True``)."""
+        from ..distill import bias_info
+
+        nbytes = self.archive.stat().st_size
+        info = bias_info(self.archive) if self._bias is None else None
+        if info is not None:
+            nbytes -= info["bias_file_bytes"]
+        return nbytes / max(1, len(self) * int(np.prod(self.image_shape)))
 
     @property
     def psnr(self) -> float:
@@ -233,10 +269,11 @@ class MPSVisionDataset(VisionDataset):
         return self._data
 
     def extra_repr(self) -> str:
+        bias = "" if self._bias is None else f" incl. residual bias ({self._bias.form})"
         return "\n".join(
             [
                 f"Split: {self._split.capitalize()}",
-                f"Ratio: {self.ratio:.4f} (parameters / pixel values)",
+                f"Ratio: {self.ratio:.4f} (parameters / pixel values{bias})",
                 f"Bytes ratio: {self.bytes_ratio:.4f} (core file / raw uint8)",
                 f"Archive: {self.archive}",
             ]
