@@ -78,7 +78,10 @@ def build_in_subprocess(root: Path, ratio: float) -> dict:
         "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, len(ds))"
     )
     # Warm numba's on-disk cache first so the timing is the build, not the compilation.
-    warm = "import torch, mpsdata; m = mpsdata.decompose(torch.zeros(3, 28, 28, dtype=torch.uint8), 0.4); m.reconstruct(torch.uint8)"
+    warm = (
+        "import torch, mpsdata; "
+        "mpsdata.decompose(torch.zeros(3, 28, 28, dtype=torch.uint8), 0.4).reconstruct(torch.uint8)"
+    )
     subprocess.run([sys.executable, "-c", warm], check=True)
     baseline = subprocess.run(
         [sys.executable, "-c", "import resource, mpsdata; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
@@ -131,7 +134,7 @@ def main() -> None:
     best = {k: min(v) for k, v in rows.items()}
     result = {
         "machine": {
-            "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?"),
+            "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -152,7 +155,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     us = 1e6
-    print(f"| measure | torchvision | mpsdata | ratio (mpsdata / torchvision) | target |")
+    print("| measure | torchvision | mpsdata | ratio (mpsdata / torchvision) | target |")
     print("|---|---|---|---|---|")
     print(
         f"| `__getitem__`, PIL out (us/image) | {best['tv_item'] * us:.2f} | {best['ours_item'] * us:.2f} | "
