@@ -1,22 +1,26 @@
 """MPS core files: HDF5 written atomically in batches, read lazily per process (format in docs/format.md).
 
-Layout of a core file (format version 1)::
+Layout of a core file (format version 1; version 2 when the cores are int8)::
 
     /                 attrs: format, format_version, settings (JSON), meta (JSON), layout (JSON), bond_dims,
                       num_samples, image_mode, content_sha256, mpsdata_version
     /cores/site_K     (N, G, d_{K-1}, j_K, d_K) one dataset per core site, chunked along samples
-                      (G = channels * terms with channel_mode="separate", else terms)
+                      (G = channels * terms with channel_mode="separate", else terms); float16, float32 or int8
+    /scales           (N, G, n - 1) float16, int8 files only: scale of cores 0 .. n-2 (value = code * scale / 127)
+    /norms            (N, G) float32, int8 files only: scale of the last core (it carries the image norm)
     /ranks            (N, G, n - 1) int16 bonds each image actually uses
     /mse              (N,) float32 mean squared error of the stored uint8 image against the original
     /targets          (N,) int64
 
-Every dataset carries a ``sha256`` attribute over its C-order bytes; ``content_sha256`` hashes those digests in
-order. Readers never keep a file handle across ``fork``: metadata is read and the file closed at open time,
-and each process reopens lazily (GUIDE trap: h5py handles shared across fork corrupt reads).
+Every dataset is stored with the file's HDF5 filter (byte shuffle + gzip by default; lzf, zstd through
+hdf5plugin, or none). Every dataset carries a ``sha256`` attribute over its C-order bytes; ``content_sha256``
+hashes those digests in order. Readers never keep a file handle across ``fork``: metadata is read and the file
+closed at open time, and each process reopens lazily (GUIDE trap: h5py handles shared across fork corrupt reads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -41,9 +45,15 @@ from ._version import __version__ as _version
 __all__ = ["FORMAT_VERSION", "CoreFile", "check_header", "write_core_file", "settings_key"]
 
 FORMAT = "mpsdata-cores"
-FORMAT_VERSION = 1
-CORE_DTYPES = ("float16", "float32")
-_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks along the sample axis
+FORMAT_VERSION = 2  # the newest version this module reads; it writes 1 unless the cores are int8
+CORE_DTYPES = ("float16", "float32", "int8")
+#: HDF5 filters of a core file; "gzip" (with byte shuffle) is the default by measurement (docs/bytes.md):
+#: within 3 % of zstd's bytes on stored cores, and every HDF5 reader decodes it without a plugin.
+COMPRESSIONS = ("gzip", "lzf", "zstd", "none")
+DEFAULT_COMPRESSION = "gzip"
+_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks along the sample axis without a filter
+_FILTERED_CHUNK_BYTES = 1 << 16  # 64 KiB with a filter: a random item decompresses one small chunk
+_LEVELS = 127  # int8 codes are -127..127 (mpsdata._quant)
 _HASH_BLOCK = 4096  # samples per block when hashing or verifying
 IN_MEMORY_LIMIT = 2 << 30  # cores up to 2 GiB are loaded whole on first use; larger files are read per item
 
@@ -96,6 +106,7 @@ def write_core_file(
     settings: dict[str, Any],
     meta: dict[str, Any],
     progress: bool = True,
+    compression: str | None = DEFAULT_COMPRESSION,
 ) -> Path:
     """Compress batches of images into a core file, atomically.
 
@@ -106,24 +117,28 @@ def write_core_file(
         image_shape: ``(C, H, W)`` of every image.
         image_mode: PIL mode of the items (``"L"`` or ``"RGB"``).
         options: Keyword arguments of :func:`mpsdata.decompose` (budget, layout).
-        core_dtype: Storage precision of the cores, ``"float16"`` or ``"float32"``.
+        core_dtype: Storage of the cores, ``"float16"``, ``"float32"`` or ``"int8"`` (per-core scales in the
+            left-canonical gauge, see :mod:`mpsdata._quant`; makes a format version 2 file).
         settings: Everything the file must match to be reused (stored as JSON, checked on open).
         meta: Source identity and class names (stored as JSON).
         progress: Show a tqdm progress bar.
+        compression: HDF5 filter of every dataset, one of :data:`COMPRESSIONS` (``None`` is ``"none"``):
+            ``"gzip"`` (byte shuffle + gzip 9), ``"lzf"``, ``"zstd"`` (needs ``hdf5plugin`` to write and read).
 
     Returns:
         The path of the written file.
     """
     if core_dtype not in CORE_DTYPES:
         raise ValueError(f"core_dtype must be one of {CORE_DTYPES}, got {core_dtype!r}")
+    filters = filter_options(compression)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w", libver=("v110", "v110"), locking=False, track_order=True) as f:
-            _write_batches(f, batches, num_samples, image_shape, options, np.dtype(core_dtype), progress)
+            _write_batches(f, batches, num_samples, image_shape, options, core_dtype, filters, progress)
             f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["format_version"] = 2 if core_dtype == "int8" else 1  # v1 readers can read the rest
             f.attrs["mpsdata_version"] = _version
             f.attrs["image_mode"] = image_mode
             f.attrs["settings"] = json.dumps(settings, sort_keys=True)
@@ -136,8 +151,39 @@ def write_core_file(
     return path
 
 
-def _write_batches(f, batches, num_samples, image_shape, options, store_dtype, progress) -> None:
+def filter_options(compression: str | None) -> dict[str, Any]:
+    """h5py ``create_dataset`` keywords of a compression name (see :data:`COMPRESSIONS`)."""
+    if compression is None or compression == "none":
+        return {}
+    if not isinstance(compression, str):
+        kind = type(compression).__name__
+        raise TypeError(f"compression must be a string, one of {COMPRESSIONS}, or None; got {kind}")
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 9, "shuffle": True}
+    if compression == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    if compression == "zstd":
+        try:
+            import hdf5plugin
+        except ImportError:
+            raise ValueError(
+                "compression='zstd' needs the hdf5plugin package (pip install hdf5plugin), also to read the file; "
+                "'gzip' needs nothing"
+            ) from None
+        return {**hdf5plugin.Zstd(clevel=19), "shuffle": True}
+    raise ValueError(f"compression must be one of {COMPRESSIONS} or None, got {compression!r}")
+
+
+def _load_plugins() -> None:
+    """Register hdf5plugin's filters (zstd...) when installed; files with gzip, lzf or no filter need none."""
+    with contextlib.suppress(ImportError):
+        import hdf5plugin  # noqa: F401
+
+
+def _write_batches(f, batches, num_samples, image_shape, options, core_dtype, filters, progress) -> None:
     from tqdm.auto import tqdm
+
+    store_dtype = np.dtype(core_dtype)
 
     channels, height, width = image_shape
     separate = options.get("channel_mode", "separate") == "separate"
@@ -156,11 +202,12 @@ def _write_batches(f, batches, num_samples, image_shape, options, store_dtype, p
             if written + n > num_samples:
                 raise ValueError(f"the batches yield more than the announced {num_samples} images")
             x = images if (channels > 1 or not separate) else images[:, 0]
-            m = decompose(x, compute_bound=False, **options)
+            m = decompose(x, compute_bound=False, core_dtype=core_dtype, **options)
             if not cores_ds:
-                cores_ds = _create_datasets(f, m, num_samples, store_dtype, options.get("tol") is not None)
+                growable = options.get("tol") is not None
+                cores_ds = _create_datasets(f, m, num_samples, store_dtype, growable, filters)
             stored = _store_batch(f, cores_ds, m, written, store_dtype)
-            recon = _decode_stored(stored, m, images.shape[0])
+            recon = _decode_stored(stored, m, images.shape[0], f, written)
             mse = (recon.float() - images.float()).square().flatten(1).mean(1)
             f["mse"][written : written + n] = mse.numpy()
             f["targets"][written : written + n] = np.asarray(targets, dtype=np.int64)
@@ -179,7 +226,7 @@ def _groups(m) -> int:
     return math.prod(m.ranks.shape[1:-1])
 
 
-def _create_datasets(f, m, num_samples: int, store_dtype: np.dtype, growable: bool) -> list[h5py.Dataset]:
+def _create_datasets(f, m, num_samples: int, store_dtype: np.dtype, growable: bool, filters) -> list[h5py.Dataset]:
     """One dataset per site. With ``growable`` (a tolerance budget) the bond axes may grow up to their caps
     as later batches need; otherwise every batch has the same bonds and chunks hold exactly one core each."""
     layout = m.layout
@@ -187,7 +234,8 @@ def _create_datasets(f, m, num_samples: int, store_dtype: np.dtype, growable: bo
     full = [1, *m.bond_dims, 1]
     limit = [1, *max_bonds(layout.site_dims), 1] if growable else full
     per_image = sum(limit[k] * j * limit[k + 1] for k, j in enumerate(layout.site_dims)) * groups
-    target = max(1, min(num_samples, _CHUNK_BYTES // max(1, per_image * store_dtype.itemsize)))
+    chunk_bytes = _FILTERED_CHUNK_BYTES if filters else _CHUNK_BYTES
+    target = max(1, min(num_samples, chunk_bytes // max(1, per_image * store_dtype.itemsize)))
     chunk = math.ceil(num_samples / math.ceil(num_samples / target))  # equal chunks: the last is not mostly empty
     grp = f.create_group("cores", track_order=True)
     datasets = []
@@ -201,12 +249,20 @@ def _create_datasets(f, m, num_samples: int, store_dtype: np.dtype, growable: bo
                 chunks=(chunk, groups, limit[k], j, limit[k + 1]),
                 fillvalue=0,
                 track_times=False,
+                **filters,
             )
         )
     n_bonds = len(layout.site_dims) - 1
-    f.create_dataset("ranks", shape=(num_samples, groups, n_bonds), dtype=np.int16, track_times=False)
-    f.create_dataset("mse", shape=(num_samples,), dtype=np.float32, track_times=False)
-    f.create_dataset("targets", shape=(num_samples,), dtype=np.int64, track_times=False)
+    small = {"chunks": (chunk, groups), **filters} if filters else {}
+    if store_dtype == np.int8:
+        f.create_dataset("scales", shape=(num_samples, groups, n_bonds), dtype=np.float16, track_times=False,
+                         **({**small, "chunks": (chunk, groups, n_bonds)} if filters else {}))  # fmt: skip
+        f.create_dataset("norms", shape=(num_samples, groups), dtype=np.float32, track_times=False, **small)
+    f.create_dataset("ranks", shape=(num_samples, groups, n_bonds), dtype=np.int16, track_times=False,
+                     **({**small, "chunks": (chunk, groups, n_bonds)} if filters else {}))  # fmt: skip
+    one = {"chunks": (chunk,), **filters} if filters else {}
+    f.create_dataset("mse", shape=(num_samples,), dtype=np.float32, track_times=False, **one)
+    f.create_dataset("targets", shape=(num_samples,), dtype=np.int64, track_times=False, **one)
     f.attrs["layout"] = json.dumps(_layout_to_json(layout), sort_keys=True)
     return datasets
 
@@ -216,7 +272,16 @@ def _store_batch(f, datasets: list[h5py.Dataset], m, start: int, store_dtype: np
     groups = _groups(m)
     n = m.ranks.shape[0]
     stored = []
-    for ds, core in zip(datasets, m.cores):
+    if store_dtype == np.int8:
+        q = m._quantized
+        codes = q.values.cpu().reshape(n, groups, -1)
+        cores = _engine.unpack(codes, m.site_dims, m.bond_dims)
+        scales = q.scales.cpu().reshape(n, groups, -1).numpy()
+        f["scales"][start : start + n] = scales[..., :-1].astype(np.float16)
+        f["norms"][start : start + n] = scales[..., -1].astype(np.float32)
+    else:
+        cores = m.cores
+    for ds, core in zip(datasets, cores):
         block = core.reshape(n, groups, *core.shape[-3:]).numpy().astype(store_dtype)
         left, right = max(ds.shape[2], block.shape[2]), max(ds.shape[4], block.shape[4])
         if (left, right) != (ds.shape[2], ds.shape[4]):
@@ -227,10 +292,30 @@ def _store_batch(f, datasets: list[h5py.Dataset], m, start: int, store_dtype: np
     return stored
 
 
-def _decode_stored(stored: list[np.ndarray], m, n: int) -> torch.Tensor:
+def _dequantize(parts: list[np.ndarray], scales: np.ndarray | None, norms: np.ndarray | None) -> np.ndarray:
+    """Float32 packed cores ``(n, G, P)`` from stored per-site arrays ``(n, G, ...)`` (and int8 scales).
+
+    The writer checks its images through this same function, so the stored ``mse`` is what readers decode.
+    """
+    n, groups = parts[0].shape[:2]
+    if scales is None:
+        return np.concatenate([p.reshape(n, groups, -1) for p in parts], axis=2).astype(np.float32)
+    assert norms is not None
+    out = []
+    for k, p in enumerate(parts):
+        scale = scales[:, :, k] if k < len(parts) - 1 else norms
+        step = scale.astype(np.float32) / np.float32(_LEVELS)
+        out.append(p.reshape(n, groups, -1).astype(np.float32) * step[..., None])
+    return np.concatenate(out, axis=2)
+
+
+def _decode_stored(stored: list[np.ndarray], m, n: int, f=None, start: int = 0) -> torch.Tensor:
     """uint8 images ``(n, C, H, W)`` exactly as a reader will decode the stored cores."""
     groups = stored[0].shape[1]
-    packed = np.concatenate([s.reshape(n, groups, -1) for s in stored], axis=2).astype(np.float32)
+    scales = norms = None
+    if stored[0].dtype == np.int8:
+        scales, norms = f["scales"][start : start + n], f["norms"][start : start + n]
+    packed = _dequantize(stored, scales, norms)
     layout = m.layout
     terms = m.terms
     flat = torch.from_numpy(packed).reshape(n * groups // terms, terms, -1)
@@ -246,7 +331,7 @@ def _hash_datasets(f: h5py.File, write: bool) -> str:
         ds = f[name]
         digest = hashlib.sha256()
         for start in range(0, ds.shape[0], _HASH_BLOCK):
-            digest.update(np.ascontiguousarray(ds[start : start + _HASH_BLOCK]).tobytes())
+            digest.update(np.ascontiguousarray(_read(f, name, slice(start, start + _HASH_BLOCK))).tobytes())
         hexdigest = digest.hexdigest()
         if write:
             ds.attrs["sha256"] = hexdigest
@@ -256,9 +341,20 @@ def _hash_datasets(f: h5py.File, write: bool) -> str:
     return total.hexdigest()
 
 
+def _read(f: h5py.File, name: str, selection: Any = slice(None)) -> np.ndarray:
+    """``f[name][selection]``; a chunk whose filter fails to decode (flipped compressed bytes) is corruption."""
+    try:
+        return f[name][selection]
+    except OSError as error:
+        raise MPSDataError(
+            f"dataset {name!r} of core file {f.filename} fails its checksum: its compressed data do not decode "
+            f"({_short(str(error))}), the file is corrupted; delete it to rebuild it"
+        ) from None
+
+
 def _checked(f: h5py.File, name: str) -> np.ndarray:
     """A dataset read whole, after its sha256 attribute matched."""
-    data = f[name][:]
+    data = _read(f, name)
     if hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest() != f[name].attrs.get("sha256"):
         raise MPSDataError(
             f"core file {f.filename}: {name} fails its checksum, the file is corrupted; delete it to rebuild it"
@@ -271,7 +367,8 @@ def _dataset_names(f: h5py.File) -> list[str]:
     if any(re.fullmatch(r"site_\d{1,4}", name) is None for name in names):
         raise MPSDataError(f"{f.filename}: /cores holds {_short(names)}; expected site_0, site_1, ...")
     sites = sorted(names, key=lambda s: int(s.split("_")[1]))
-    return [f"cores/{s}" for s in sites] + ["ranks", "mse", "targets"]
+    scales = [name for name in ("scales", "norms") if name in f]
+    return [f"cores/{s}" for s in sites] + scales + ["ranks", "mse", "targets"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,6 +391,7 @@ def check_header(path: Path, settings: dict[str, Any] | None = None) -> None:
     allocate gigabytes.
     """
     size = path.stat().st_size
+    _load_plugins()
     try:
         with h5py.File(path, "r", locking=False) as f:
             _check_objects(f, size)
@@ -443,6 +541,19 @@ class CoreFile:
         self.ranks = torch.from_numpy(_checked(f, "ranks").astype(np.int64))
         self.mse = torch.from_numpy(_checked(f, "mse"))
         self.core_dtype = str(sites[0].dtype)
+        if self.core_dtype not in CORE_DTYPES:
+            raise MPSDataError(f"core file {self.path}: cores of dtype {self.core_dtype}, expected {CORE_DTYPES}")
+        self._int8 = self.core_dtype == "int8"
+        if self._int8 != (version >= 2 and "scales" in f):
+            raise MPSDataError(
+                f"core file {self.path}: int8 cores need format version 2 with /scales and /norms; got version "
+                f"{version} with cores of dtype {self.core_dtype}"
+            )
+        if self._int8:
+            n_bonds = len(layout.site_dims) - 1
+            for name, shape in {"scales": (num_samples, groups, n_bonds), "norms": (num_samples, groups)}.items():
+                if name not in f or tuple(f[name].shape) != shape:
+                    raise MPSDataError(f"core file {self.path}: /{name} is missing or not of shape {shape}")
         terms = int(self.settings.get("residual", 0)) + 1
         sites_arr = np.asarray(layout.site_dims, np.int64)
         caps_arr = np.asarray(bonds, np.int64)
@@ -478,6 +589,7 @@ class CoreFile:
 
     def _file(self) -> h5py.File:
         if self._h5 is None or self._pid != os.getpid():
+            _load_plugins()  # a spawned worker has not imported hdf5plugin yet
             self._h5 = h5py.File(self.path, "r", locking=False)
             self._pid = os.getpid()
         return self._h5
@@ -500,7 +612,8 @@ class CoreFile:
             for name in names:
                 data = _checked(f, name)
                 parts.append(data.reshape(self.num_samples, self.geometry.groups, -1))
-            self._memory = np.concatenate(parts, axis=2).astype(np.float32)
+            scales = (_checked(f, "scales"), _checked(f, "norms")) if self._int8 else (None, None)
+            self._memory = _dequantize(parts, *scales)
             self._single_memory = None
         return self._memory
 
@@ -525,8 +638,9 @@ class CoreFile:
         order = np.argsort(indices)
         sorted_idx = np.asarray(indices)[order]
         unique, inverse = np.unique(sorted_idx, return_inverse=True)
-        parts = [f[name][unique].reshape(len(unique), self.geometry.groups, -1) for name in names]
-        packed = np.concatenate(parts, axis=2).astype(np.float32)[inverse]
+        parts = [_read(f, name, unique).reshape(len(unique), self.geometry.groups, -1) for name in names]
+        scales = (_read(f, "scales", unique), _read(f, "norms", unique)) if self._int8 else (None, None)
+        packed = _dequantize(parts, *scales)[inverse]
         out = np.empty_like(packed)
         out[order] = packed
         return out

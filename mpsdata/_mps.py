@@ -16,7 +16,10 @@ from . import _budget, _engine
 from ._layout import Layout, make_layout
 from ._typing import ChannelMode, SiteDims
 
-__all__ = ["MPS", "decompose", "entanglement_entropy"]
+__all__ = ["MPS", "decompose", "entanglement_entropy", "CORE_DTYPES"]
+
+#: Storage schemes of the cores (:mod:`mpsdata._quant`): floats, or integers with per-core scales.
+CORE_DTYPES = ("float32", "float16", "int8", "int4")
 
 
 class MPS:
@@ -49,6 +52,8 @@ class MPS:
         self._tails = tails  # discarded from the original unfoldings: paper Definition 1
         self.batch_shape = tuple(batch_shape)
         self._error: torch.Tensor | None = None  # measured error, when the sweep's weight is not it (padding)
+        self._core_dtype: str | None = None  # storage scheme the cores were rounded to (decompose's core_dtype)
+        self._quantized = None  # _quant.QuantizedCores of integer schemes: what a core file stores
 
     # -- shape ----------------------------------------------------------------------------------------
     @property
@@ -137,9 +142,30 @@ class MPS:
         return self._eps2[:, -1].clamp_min(0).sum(-1).sqrt().reshape(self.batch_shape)
 
     @property
+    def core_dtype(self) -> str:
+        """Storage scheme of the cores: decompose's ``core_dtype``, else the math dtype (``"float32"``...)."""
+        return self._core_dtype or str(self._packed.dtype).removeprefix("torch.")
+
+    @property
     def nbytes(self) -> torch.Tensor:
-        """Bytes of stored cores per image at the current dtype, ``(*batch_shape,)`` int64."""
-        per_image = self._packed.shape[1] * self._packed.shape[2] * self._packed.element_size()
+        """Bytes a core file stores for the cores of every MPS, ``(*batch_shape,)`` int64.
+
+        Values at :attr:`core_dtype` plus, for ``"int8"``/``"int4"``, the per-core scales (float16 for every
+        core but the last, float32 for the last, which carries the norm); all terms counted. This is before
+        any generic (HDF5 filter) compression, and without the file's per-image bookkeeping (ranks, targets).
+
+        Example:
+            >>> import torch, mpsdata
+            >>> m = mpsdata.decompose(torch.rand(2, 8, 8) * 255, bytes_ratio=0.7, site_dims=[8, 8])
+            >>> m.core_dtype, m.bond_dims, m.nbytes.tolist()  # 2 x 16 int8 values + 2 + 4 scale bytes
+            ('int8', (2,), [38, 38])
+        """
+        from . import _quant
+
+        if self._core_dtype is None:
+            per_image = self._packed.shape[1] * self._packed.shape[2] * self._packed.element_size()
+        else:
+            per_image = _quant.nbytes_per_image(self.site_dims, self.bond_dims, self.terms, self._core_dtype)
         return torch.full(self.batch_shape, per_image, dtype=torch.int64)
 
     # -- operations -----------------------------------------------------------------------------------
@@ -174,6 +200,8 @@ class MPS:
             self._packed.to(device), self.layout, self.bond_dims, self._ranks, self._eps2, self._tails, self.batch_shape
         )
         moved._error = self._error
+        moved._core_dtype = self._core_dtype
+        moved._quantized = self._quantized
         return moved
 
     def __getitem__(self, index) -> MPS:
@@ -192,14 +220,22 @@ class MPS:
             positions.shape,
         )
         picked._error = None if self._error is None else self._error[flat]
+        picked._core_dtype = self._core_dtype
+        if self._quantized is not None:
+            from dataclasses import replace
+
+            q = self._quantized
+            rows = flat.to(q.values.device)
+            picked._quantized = replace(q, values=q.values[rows], scales=None if q.scales is None else q.scales[rows])
         return picked
 
     def __repr__(self) -> str:
         ratio = self.ratio
         shown = f"{ratio.max().item():.4f}" if ratio.numel() else "n/a"
+        stored = "" if self._core_dtype is None else f", core_dtype={self._core_dtype!r}"
         return (
             f"MPS(batch_shape={self.batch_shape}, layout={self.layout.describe()}, bond_dims={self.bond_dims}, "
-            f"terms={self.terms}, ratio={shown}, dtype={self.dtype}, device={self.device})"
+            f"terms={self.terms}, ratio={shown}{stored}, dtype={self.dtype}, device={self.device})"
         )
 
 
@@ -207,12 +243,14 @@ def decompose(
     x: torch.Tensor | np.ndarray,
     ratio: float | None = None,
     *,
+    bytes_ratio: float | None = None,
     bond_dims: Sequence[int] | None = None,
     max_bond: int | None = None,
     tol: float | None = None,
     residual: int = 0,
     site_dims: SiteDims = None,
     channel_mode: ChannelMode = "separate",
+    core_dtype: str | None = None,
     dtype: torch.dtype | None = None,
     compute_bound: bool = True,
 ) -> MPS:
@@ -228,6 +266,9 @@ def decompose(
             leading batch dims. With ``channel_mode="separate"`` a channel dim is simply a batch dim.
         ratio: The paper's compression ratio ``rho`` in ``(0, 1]``: parameters kept over values of the
             image, all terms counted. Solved into bond dimensions that never exceed it.
+        bytes_ratio: A byte budget instead: stored bytes (:attr:`MPS.nbytes`, cores at ``core_dtype``, default
+            ``"int8"``) over the raw uint8 bytes of the image, all terms counted; solved into the largest
+            bonds that never exceed it (see docs/bytes.md for what each budget reaches).
         bond_dims: Explicit bond dimensions ``d_1 ... d_{n-1}`` (clipped to what the sites can carry).
         max_bond: Cap every bond at this value.
         tol: Relative tolerance: each image keeps the smallest bonds whose truncation errors satisfy
@@ -238,10 +279,16 @@ def decompose(
             ``"hierarchical"``, explicit row-major sizes (``[2, 4, 7, 7, 2]``), or hierarchical
             ``(row, col)`` digit pairs (``[(7, 7), (2, 2), (2, 2)]``). ``[H, W]`` is the plain matrix SVD.
         channel_mode: ``"separate"`` (each channel its own MPS) or ``"site"`` (channels as the last site).
+        core_dtype: Storage scheme of the cores, one of :data:`CORE_DTYPES`: the cores are rounded to it (so
+            :meth:`MPS.reconstruct` shows what a core file holds) and :attr:`MPS.nbytes` counts it. The integer
+            schemes store each core in the left-canonical gauge with one scale per core (int4 with the
+            quantisation-aware refit of :func:`mpsdata._quant.quantize_refit`). Default: ``"int8"`` with
+            ``bytes_ratio``, else none (cores at the math dtype, as computed).
         dtype: ``torch.float32`` or ``torch.float64`` math; default float64 for float64 input, else float32.
         compute_bound: Also compute the paper's truncation errors (Definition 1) and the Theorem 1 bound,
             an extra eigenvalue problem per truncated bond (+60% time on 28x28); the exact error
-            (:attr:`MPS.error`) is always computed.
+            (:attr:`MPS.error`) is always computed. With a ``core_dtype``, the bound is that of the cores
+            before rounding, and :attr:`MPS.error` is measured after it.
 
     Returns:
         The :class:`MPS` of every image.
@@ -259,6 +306,11 @@ def decompose(
         ((2, 2), 0.5)
         >>> torch.allclose(m.reconstruct(), x, atol=1e-3)  # the ramp has rank 2
         True
+        >>> small = mpsdata.decompose(x, bytes_ratio=0.7, site_dims=[8, 8])  # int8 cores, at most 44 bytes
+        >>> small.nbytes.item(), small.core_dtype, small.bond_dims
+        (38, 'int8', (2,))
+        >>> bool((small.reconstruct() - x).abs().max() < 0.5)
+        True
     """
     x = _as_tensor(x)
     if channel_mode not in ("separate", "site"):
@@ -270,12 +322,13 @@ def decompose(
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"x (shape {tuple(x.shape)}) contains NaN or infinite values; clean or clamp them first")
     compute = _compute_dtype(x, dtype)
-    terms = check_budget(ratio, bond_dims, max_bond, tol, residual)
+    terms = check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
+    core_dtype = check_core_dtype(core_dtype, bytes_ratio)
 
     channels = x.shape[-3] if channel_mode == "site" else 1
     height, width = x.shape[-2], x.shape[-1]
     layout = make_layout(height, width, channels, site_dims, channel_mode)
-    bonds, use_tol = _solve_bonds(layout, ratio, bond_dims, max_bond, tol, terms)
+    bonds, use_tol = _solve_bonds(layout, ratio, bond_dims, max_bond, tol, terms, bytes_ratio, core_dtype)
 
     batch_shape = x.shape[: x.ndim - image_dims]
     flat = x.reshape(-1, layout.num_values)
@@ -287,8 +340,13 @@ def decompose(
     if use_tol > 0 and flat.shape[0]:
         cores, bonds = _compact(cores, packed.ranks, layout.site_dims, bonds)
     tails = None if packed.tails is None else packed.tails.cpu()
+    quantized = None
+    if core_dtype is not None:
+        cores, quantized = _round_cores(cores, flat, layout, bonds, core_dtype)
     result = MPS(cores, layout, bonds, packed.ranks.cpu(), packed.eps2.cpu(), tails, batch_shape)
-    if layout.padded_height * layout.padded_width != height * width and flat.shape[0]:
+    result._core_dtype, result._quantized = core_dtype, quantized
+    rounded = core_dtype is not None and core_dtype != str(compute).removeprefix("torch.")
+    if (rounded or layout.padded_height * layout.padded_width != height * width) and flat.shape[0]:
         # The sweep's discarded weight counts the replicated edge pixels too: measure on the real pixels.
         result._error = (result.reconstruct().reshape(flat.shape) - flat.to(compute)).norm(dim=-1).cpu()
     return result
@@ -388,17 +446,27 @@ def _check_number(name: str, value) -> float:
     return float(value)
 
 
-def check_budget(ratio, bond_dims, max_bond, tol, residual) -> int:
+def check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio=None) -> int:
     """Validate the budget arguments that do not depend on the image; returns the number of terms."""
     terms = _check_int("residual", residual, minimum=0) + 1
-    if ratio is not None:
+    if ratio is not None and bytes_ratio is not None:
+        raise ValueError("give either ratio or bytes_ratio, not both: each decides the bonds itself")
+    if bytes_ratio is not None:
+        if bond_dims is not None or max_bond is not None or tol is not None:
+            raise ValueError(
+                "give either bytes_ratio or bond_dims/max_bond/tol, not both: bytes_ratio decides the bonds itself"
+            )
+        value = _check_number("bytes_ratio", bytes_ratio)
+        if math.isnan(value) or not 0 < value < math.inf:
+            raise ValueError(f"bytes_ratio must be positive and finite, got {bytes_ratio}")
+    elif ratio is not None:
         if bond_dims is not None or max_bond is not None or tol is not None:
             raise ValueError("give either ratio or bond_dims/max_bond/tol, not both: ratio decides the bonds itself")
         value = _check_number("ratio", ratio)
         if math.isnan(value) or not 0 < value <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     elif bond_dims is None and max_bond is None and tol is None:
-        raise ValueError("give a budget: ratio, bond_dims, max_bond or tol")
+        raise ValueError("give a budget: ratio, bytes_ratio, bond_dims, max_bond or tol")
     if bond_dims is not None:
         if isinstance(bond_dims, (str, bytes)) or not isinstance(bond_dims, Sequence):
             raise TypeError(f"bond_dims must be a sequence of ints, got {type(bond_dims).__name__}")
@@ -411,6 +479,17 @@ def check_budget(ratio, bond_dims, max_bond, tol, residual) -> int:
     return terms
 
 
+def check_core_dtype(core_dtype, bytes_ratio=None) -> str | None:
+    """Validate a storage scheme; ``None`` becomes ``"int8"`` under a byte budget."""
+    if core_dtype is None:
+        return "int8" if bytes_ratio is not None else None
+    if not isinstance(core_dtype, str):
+        raise TypeError(f"core_dtype must be a string, one of {CORE_DTYPES}, got {type(core_dtype).__name__}")
+    if core_dtype not in CORE_DTYPES:
+        raise ValueError(f"core_dtype must be one of {CORE_DTYPES}, got {core_dtype!r}")
+    return core_dtype
+
+
 def _solve_bonds(
     layout: Layout,
     ratio: float | None,
@@ -418,9 +497,19 @@ def _solve_bonds(
     max_bond: int | None,
     tol: float | None,
     terms: int,
+    bytes_ratio: float | None = None,
+    core_dtype: str | None = None,
 ) -> tuple[tuple[int, ...], float]:
     """Bond caps and the tolerance (0 for none) from validated budget arguments."""
     sites = layout.site_dims
+    if bytes_ratio is not None:
+        from . import _quant
+
+        try:
+            bonds = _quant.bonds_for_bytes(sites, float(bytes_ratio), layout.num_values, terms, core_dtype or "int8")
+        except ValueError as error:
+            raise ValueError(f"{error} (image {layout.describe()})") from None
+        return bonds, 0.0
     if ratio is not None:
         return _budget.bonds_for_ratio(sites, float(ratio), layout.num_values, terms), 0.0
     caps = list(_budget.max_bonds(sites))
@@ -434,6 +523,23 @@ def _solve_bonds(
     if max_bond is not None:
         caps = [min(c, int(max_bond)) for c in caps]
     return _budget.tighten(caps, sites), float(tol or 0.0)
+
+
+def _round_cores(cores: torch.Tensor, flat: torch.Tensor, layout: Layout, bonds, core_dtype: str):
+    """Cores rounded to a storage scheme (same dtype as ``cores``) and, for integer schemes, the stored form."""
+    from . import _quant
+
+    if core_dtype in ("float32", "float16"):
+        dtype = torch.float32 if core_dtype == "float32" else torch.float16
+        return cores.to(dtype).to(cores.dtype), None
+    if cores.shape[0] == 0:
+        q = _quant.quantize(cores, layout.site_dims, bonds, core_dtype)
+    elif core_dtype == "int4":  # the coarse grid gains from fitting each core to the rounded ones before it
+        sites = flat.index_select(-1, torch.from_numpy(layout.gather_index).to(flat.device))
+        q = _quant.quantize_refit(sites, layout.site_dims, bonds, cores.shape[1], core_dtype)
+    else:  # int8: rounding in the left-canonical gauge loses < 0.05 dB (docs/bytes.md)
+        q = _quant.quantize(cores, layout.site_dims, bonds, core_dtype)
+    return q.dequantize().to(device=cores.device, dtype=cores.dtype), q
 
 
 def _compact(cores: torch.Tensor, ranks: torch.Tensor, site_dims, bonds) -> tuple[torch.Tensor, tuple[int, ...]]:

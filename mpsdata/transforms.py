@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2._utils import is_pure_tensor
 
-from ._mps import check_budget, decompose
+from ._mps import check_budget, check_core_dtype, decompose
 from ._typing import ChannelMode, SiteDims
 
 __all__ = ["MPSCompress"]
@@ -32,12 +32,16 @@ class MPSCompress(Transform):
 
     Args:
         ratio: The paper's compression ratio ``rho`` in ``(0, 1]``.
+        bytes_ratio: A byte budget instead: stored core bytes over raw uint8 bytes (see :func:`mpsdata.decompose`).
         bond_dims: Explicit bond dimensions instead of a ratio.
         max_bond: Cap on every bond instead of a ratio.
         tol: Relative error tolerance instead of a ratio.
         residual: Residual MPS terms after the first (paper Alg. 2), counted in ``ratio``.
         site_dims: Site layout (see :func:`mpsdata.decompose`).
         channel_mode: ``"separate"`` or ``"site"``.
+        core_dtype: Storage scheme the cores are rounded to (``"float32"``, ``"float16"``, ``"int8"``,
+            ``"int4"``; default ``"int8"`` with ``bytes_ratio``, else none), so the output shows what a core
+            file would hold.
         dtype: Math dtype, ``torch.float32`` or ``torch.float64``.
 
     Example:
@@ -56,38 +60,45 @@ class MPSCompress(Transform):
         self,
         ratio: float | None = None,
         *,
+        bytes_ratio: float | None = None,
         bond_dims: Sequence[int] | None = None,
         max_bond: int | None = None,
         tol: float | None = None,
         residual: int = 0,
         site_dims: SiteDims = None,
         channel_mode: ChannelMode = "separate",
+        core_dtype: str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_budget(ratio, bond_dims, max_bond, tol, residual)
+        check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
+        check_core_dtype(core_dtype)
         if channel_mode not in ("separate", "site"):
             raise ValueError(f"channel_mode must be 'separate' or 'site', got {channel_mode!r}")
         if dtype not in (None, torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.ratio = ratio
+        self.bytes_ratio = bytes_ratio
         self.bond_dims = None if bond_dims is None else tuple(bond_dims)
         self.max_bond = max_bond
         self.tol = tol
         self.residual = residual
         self.site_dims = site_dims if site_dims is None or isinstance(site_dims, str) else tuple(site_dims)
         self.channel_mode = channel_mode
+        self.core_dtype = core_dtype
         self.dtype = dtype
 
     def _options(self) -> dict[str, Any]:
         return {
             "ratio": self.ratio,
+            "bytes_ratio": self.bytes_ratio,
             "bond_dims": self.bond_dims,
             "max_bond": self.max_bond,
             "tol": self.tol,
             "residual": self.residual,
             "site_dims": self.site_dims,
             "channel_mode": self.channel_mode,
+            "core_dtype": self.core_dtype,
             "dtype": self.dtype,
         }
 

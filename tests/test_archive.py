@@ -142,7 +142,7 @@ def test_verify_reports_every_image(mnist_file) -> None:
     assert report["images"] == cores.num_samples
     assert report["content_sha256"] == cores.content_sha256
     with h5py.File(mnist_file[0], "r", locking=False) as f:
-        assert f.attrs["format_version"] == FORMAT_VERSION
+        assert f.attrs["format_version"] == 1  # float cores: version 1, readable by every reader
         assert f.attrs["content_sha256"] == cores.content_sha256
         assert all(f[name].attrs["sha256"] for name in ("ranks", "mse", "targets"))
 
@@ -303,8 +303,10 @@ def test_missing_file_raises(tmp_path: Path) -> None:
     assert str(tmp_path / "absent.h5") in str(info.value)
 
 
-@pytest.mark.parametrize("site", [0, 1, 2])
-def test_flipped_core_bytes_raise_on_first_read(copy_of: Path, site: int) -> None:
+@pytest.mark.parametrize("which", [0, 1, -1])
+def test_flipped_core_bytes_raise_on_first_read(copy_of: Path, which: int) -> None:
+    with h5py.File(copy_of, "r", locking=False) as f:
+        site = list(range(len(f["cores"])))[which]
     _flip_bytes(copy_of, f"cores/site_{site}")
     cores = CoreFile(copy_of)  # metadata is intact: opening works, reading the cores must not
     for read in (lambda: cores.decode([0]), lambda: cores.decode_one(0)):
@@ -371,3 +373,45 @@ def test_pickle_drops_handle_and_cores(mnist_file) -> None:
     assert torch.equal(copy.decode(np.arange(cores.num_samples)), expected)
     cores.close()
     assert cores._h5 is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# int8 cores (format version 2) and filters
+def _write_int8(path: Path, images: np.ndarray, targets: np.ndarray, **kwargs) -> Path:
+    opts = {**OPTIONS, "ratio": None, "bytes_ratio": 0.3}
+    return write_core_file(
+        path, iterate_batches(images, targets, 16), num_samples=len(images), image_shape=(1, *images.shape[1:]),
+        image_mode="L", options=opts, core_dtype="int8", settings={"test": opts},
+        meta={"classes": [str(c) for c in range(10)]}, progress=False, **kwargs,
+    )  # fmt: skip
+
+
+def test_int8_file_round_trips_and_is_version_2(tmp_path: Path) -> None:
+    images = fake_images(40, 28, 28, seed=3)
+    path = _write_int8(tmp_path / "a.h5", images, np.arange(40) % 10)
+    cores = CoreFile(path)
+    m = mpsdata.decompose(torch.from_numpy(images), bytes_ratio=0.3)
+    assert cores.core_dtype == "int8" and cores.geometry.bond_dims == m.bond_dims
+    decoded = cores.decode(np.arange(40))[:, 0]
+    assert int((decoded.int() - m.reconstruct(torch.uint8).int()).abs().max()) <= 1
+    assert np.array_equal(cores.decode_one(7), decoded[7].numpy())
+    assert cores.verify()["images"] == 40
+    with h5py.File(path, "r", locking=False) as f:
+        assert f.attrs["format_version"] == 2
+        assert all(f[name].compression == "gzip" and f[name].shuffle for name in ("cores/site_0", "scales", "norms"))
+    assert _write_int8(tmp_path / "b.h5", images, np.arange(40) % 10).read_bytes() == path.read_bytes()
+
+
+def test_int8_cores_in_a_version_1_file_are_refused(tmp_path: Path) -> None:
+    path = _write_int8(tmp_path / "a.h5", fake_images(8, 28, 28), np.zeros(8, np.int64))
+    with h5py.File(path, "r+", locking=False) as f:
+        f.attrs["format_version"] = 1
+    with pytest.raises(mpsdata.MPSDataError, match="int8 cores need format version 2"):
+        CoreFile(path)
+
+
+def test_bad_compression_is_refused(tmp_path: Path) -> None:
+    images = fake_images(4, 8, 8)
+    with pytest.raises(ValueError, match="compression must be one of"):
+        _write_int8(tmp_path / "a.h5", images, np.zeros(4, np.int64), compression="bz2")
+    assert _leftovers(tmp_path) == []

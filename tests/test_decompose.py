@@ -169,7 +169,7 @@ def test_first_term_truncation_errors_are_definition_1(site_dims) -> None:
 def test_error_equals_measured_on_fashion_mnist(fashion_images) -> None:
     for dtype in (torch.float32, torch.float64):
         for budget in ({"ratio": 0.4}, {"ratio": 0.5, "residual": 1}, {"tol": 0.15}, {"max_bond": 3}):
-            m = mpsdata.decompose(fashion_images, dtype=dtype, **budget)
+            m = mpsdata.decompose(fashion_images, dtype=dtype, site_dims="hierarchical", **budget)
             measured = _measured_error(m, fashion_images)
             assert torch.allclose(m.error.to(torch.float64), measured, rtol=RTOL[dtype], atol=0), (dtype, budget)
 
@@ -223,7 +223,7 @@ def test_max_bond_and_bond_dims_are_caps() -> None:
 def test_tol_bounds_the_error_and_ranks_vary(fashion_images, tol) -> None:
     x = fashion_images[:128]
     for dtype in (torch.float64, torch.float32):
-        m = mpsdata.decompose(x, tol=tol, dtype=dtype)
+        m = mpsdata.decompose(x, tol=tol, dtype=dtype, site_dims="hierarchical")  # two bonds, as below
         norms = _norms(x)
         measured = _measured_error(m, x)
         assert bool((measured <= tol * norms * (1 + RTOL[dtype]) + GRAM_RES[dtype] * norms).all())
@@ -234,8 +234,8 @@ def test_tol_bounds_the_error_and_ranks_vary(fashion_images, tol) -> None:
         assert m.bond_dims == tuple(ranks.amax(0).tolist())  # stored bonds: the largest any image uses
     # A looser tolerance never needs more parameters (a theorem for these two bonds: the looser first-bond
     # subspace is nested in the tighter one, so the second unfolding's tail can only shrink).
-    tight = mpsdata.decompose(x, tol=tol / 2, dtype=torch.float64)
-    loose = mpsdata.decompose(x, tol=tol, dtype=torch.float64)
+    tight = mpsdata.decompose(x, tol=tol / 2, dtype=torch.float64, site_dims="hierarchical")
+    loose = mpsdata.decompose(x, tol=tol, dtype=torch.float64, site_dims="hierarchical")
     assert len(loose.bond_dims) == 2
     assert bool((loose.ratio <= tight.ratio).all())
 
@@ -481,7 +481,7 @@ def test_indexing() -> None:
 
 
 def test_mps_to_same_device_and_repr() -> None:
-    m = mpsdata.decompose(torch.rand(3, 28, 28), ratio=0.4)
+    m = mpsdata.decompose(torch.rand(3, 28, 28), ratio=0.4, site_dims="hierarchical")
     moved = m.to("cpu")
     assert moved.device == torch.device("cpu")
     assert torch.equal(moved.reconstruct(), m.reconstruct())
@@ -576,13 +576,18 @@ X = torch.rand(2, 28, 28)
         (X, {"ratio": 1.5}, ValueError, r"ratio must be in \(0, 1\], got 1.5"),
         (X, {"ratio": -0.2}, ValueError, r"ratio must be in \(0, 1\]"),
         (X, {"ratio": float("nan")}, ValueError, r"ratio must be in \(0, 1\]"),
-        (X, {"ratio": 0.01}, ValueError, r"(?s)too small.*0\.0727"),
+        (X, {"ratio": 0.01, "site_dims": "hierarchical"}, ValueError, r"(?s)too small.*0\.0727"),
         (X, {"ratio": 0.15, "residual": 2}, ValueError, "3 term"),
         (X, {"ratio": 0.4, "bond_dims": [2, 2]}, ValueError, "either ratio or bond_dims"),
         (X, {"ratio": 0.4, "tol": 0.1}, ValueError, "either ratio"),
         (X, {}, ValueError, "give a budget"),
         (X, {"residual": 1}, ValueError, "give a budget"),
-        (X, {"bond_dims": [2, 2, 2]}, ValueError, r"(?s)2 for site dims \[49, 4, 4\].*got 3"),
+        (
+            X,
+            {"bond_dims": [2, 2, 2], "site_dims": "hierarchical"},
+            ValueError,
+            r"(?s)2 for site dims \[49, 4, 4\].*got 3",
+        ),
         (X, {"bond_dims": [2, 0]}, ValueError, "bond dimension must be >= 1"),
         (X, {"bond_dims": "22"}, TypeError, "bond_dims must be a sequence"),
         (X, {"bond_dims": [2, 2.5]}, TypeError, "bond dimension must be an int"),
@@ -626,3 +631,79 @@ def test_entanglement_entropy_bad_input() -> None:
         mpsdata.entanglement_entropy(torch.rand(4), [2, 2])
     with pytest.raises(TypeError, match="uint8 or floating point"):
         mpsdata.entanglement_entropy(torch.ones(4, 4, dtype=torch.int32), [4, 4])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Byte budgets and storage schemes (issue: compression that is real in bytes)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([(8, 8, None), (8, 8, [8, 8]), (12, 10, "row"), (16, 16, "hierarchical")]),
+    st.floats(0.05, 1.5),
+    st.sampled_from(["float32", "float16", "int8", "int4"]),
+    st.integers(0, 1),
+)
+def test_bytes_ratio_is_never_exceeded(shape, bytes_ratio: float, core_dtype: str, residual: int) -> None:
+    h, w, sites = shape
+    x = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 255
+    try:
+        m = mpsdata.decompose(x, bytes_ratio=bytes_ratio, core_dtype=core_dtype, residual=residual, site_dims=sites)
+    except ValueError as error:
+        assert "too small" in str(error)
+        return
+    budget = math.floor(bytes_ratio * h * w + 1e-9)
+    assert m.nbytes.shape == (3,) and int(m.nbytes.max()) <= budget
+    assert m.core_dtype == core_dtype
+    # nbytes counts the stored scheme: values and scales of every term
+    from mpsdata import _quant
+
+    assert int(m.nbytes[0]) == _quant.nbytes_per_image(m.site_dims, m.bond_dims, residual + 1, core_dtype)
+
+
+@pytest.mark.parametrize("core_dtype", ["float16", "int8", "int4"])
+def test_core_dtype_rounds_the_cores_and_error_is_measured(core_dtype: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(4, 16, 16, generator=g) * 255).round()
+    exact = mpsdata.decompose(x, bond_dims=[4], site_dims=[16, 16], dtype=torch.float64)
+    rounded = mpsdata.decompose(x, bond_dims=[4], site_dims=[16, 16], dtype=torch.float64, core_dtype=core_dtype)
+    assert not torch.equal(rounded.reconstruct(), exact.reconstruct())
+    assert torch.allclose(rounded.error, _measured_error(rounded, x), rtol=1e-9)
+    rel = (rounded.reconstruct() - exact.reconstruct()).flatten(1).norm(dim=1) / _norms(x)
+    assert float(rel.max()) < {"float16": 1e-3, "int8": 2e-2, "int4": 0.2}[core_dtype]
+    assert int(rounded.nbytes[0]) < int(exact.nbytes[0])  # float64 math cores count 8 bytes a value
+
+
+def test_int8_cores_survive_indexing_and_moves() -> None:
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 255
+    m = mpsdata.decompose(x, bytes_ratio=0.6, site_dims=[8, 8])
+    assert m.core_dtype == "int8" and m._quantized.values.shape[0] == 6
+    part = m[1]
+    assert part.core_dtype == "int8" and part._quantized.values.shape[0] == 3
+    assert torch.equal(part._quantized.dequantize().to(m.dtype), part._packed)
+    assert torch.equal(part.reconstruct(), m.reconstruct()[1])
+    assert part.nbytes.tolist() == m.nbytes[1].tolist()
+    assert m.to("cpu").core_dtype == "int8"
+    assert "core_dtype='int8'" in repr(m)
+
+
+def test_default_nbytes_counts_the_math_dtype() -> None:
+    x = torch.rand(2, 8, 8)
+    m = mpsdata.decompose(x, bond_dims=[2], site_dims=[8, 8])
+    assert m.core_dtype == "float32" and m.nbytes.tolist() == [4 * 32] * 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bytes_ratio": 0.3, "ratio": 0.3}, ValueError, "either ratio or bytes_ratio"),
+        ({"bytes_ratio": 0.3, "bond_dims": [2]}, ValueError, "either bytes_ratio or bond_dims"),
+        ({"bytes_ratio": -1.0}, ValueError, "positive and finite"),
+        ({"bytes_ratio": float("nan")}, ValueError, "positive and finite"),
+        ({"bytes_ratio": True}, TypeError, "bytes_ratio must be a number"),
+        ({"bytes_ratio": 0.001}, ValueError, "too small for any int8 MPS"),
+        ({"ratio": 0.3, "core_dtype": "int2"}, ValueError, "core_dtype must be one of"),
+        ({"ratio": 0.3, "core_dtype": torch.int8}, TypeError, "core_dtype must be a string"),
+    ],
+)
+def test_byte_budget_errors(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        mpsdata.decompose(torch.rand(2, 8, 8), site_dims=[8, 8], **kwargs)

@@ -245,6 +245,7 @@ def test_arguments_are_checked_in_init(kwargs, error, match) -> None:
 _SETTINGS: list[dict[str, Any]] = [
     {"ratio": 0.6, "residual": 1, "site_dims": [4, 8, 8], "channel_mode": "site", "dtype": torch.float64},
     {"bond_dims": [3, 4], "max_bond": 3, "tol": 0.1, "site_dims": [(2, 2), (2, 2), (4, 4)]},
+    {"bytes_ratio": 0.5, "core_dtype": "int4", "site_dims": [16, 16]},
 ]
 
 
@@ -290,3 +291,26 @@ def test_cuda_tensor_stays_on_cuda() -> None:
     out = check_transform(transform, x)
     assert out.device == x.device
     assert (out.cpu().int() - transform(x.cpu()).int()).abs().max() <= 1
+
+
+def test_byte_budget_output_is_what_int8_cores_hold() -> None:
+    x = _image((2, 16, 16))
+    out = MPSCompress(bytes_ratio=0.4, site_dims=[16, 16])(x)
+    m = mpsdata.decompose(x, bytes_ratio=0.4, site_dims=[16, 16])
+    assert torch.equal(out, m.reconstruct(torch.uint8))
+    assert int(m.nbytes.max()) <= 0.4 * 256 and m.core_dtype == "int8"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bytes_ratio": 0.3, "ratio": 0.3}, ValueError, "either ratio or bytes_ratio"),
+        ({"bytes_ratio": 0.0}, ValueError, "positive and finite"),
+        ({"bytes_ratio": "0.3"}, TypeError, "bytes_ratio must be a number"),
+        ({"bytes_ratio": 0.3, "core_dtype": "int2"}, ValueError, "core_dtype must be one of"),
+        ({"ratio": 0.3, "core_dtype": torch.float16}, TypeError, "core_dtype must be a string"),
+    ],
+)
+def test_byte_budget_errors(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        MPSCompress(**kwargs)

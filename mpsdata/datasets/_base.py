@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 from torchvision.datasets import VisionDataset
 
-from .._archive import CoreFile, settings_key, write_core_file
+from .._archive import CORE_DTYPES, DEFAULT_COMPRESSION, CoreFile, filter_options, settings_key, write_core_file
 from .._errors import MPSDataError
 from .._layout import make_layout
 from .._mps import _solve_bonds, check_budget
@@ -23,7 +23,8 @@ from ..download import fetch_published
 __all__ = ["MPSVisionDataset", "RawSource", "TrainTestDataset"]
 
 DEFAULT_RATIO = 0.4
-#: Storage precision of the cores, chosen by measurement (docs/format.md): float16 costs < 0.01 dB.
+#: Storage precision of the cores under a parameter budget, chosen by measurement (docs/format.md): float16
+#: costs < 0.01 dB. Under a byte budget (``bytes_ratio``) the default is int8 (docs/bytes.md).
 DEFAULT_CORE_DTYPE = "float16"
 _BUILD_BATCH = 2048
 
@@ -47,10 +48,13 @@ class MPSVisionDataset(VisionDataset):
     Subclasses provide the raw data (:meth:`_raw_exists`, :meth:`_download`, :meth:`_source`) and attributes.
 
     The MPS options are keyword-only, as in :func:`mpsdata.decompose`; ``ratio`` defaults to 0.4 when no
-    other budget is given. ``core_dtype`` is the storage precision (``"float16"`` or ``"float32"``);
-    ``archive_dir`` where core files live; ``bias=True`` serves the images with the residual bias stored by
-    :func:`mpsdata.distill.save_bias` (and counts it in ``ratio`` and ``bytes_ratio``). With ``download=True`` a
-    pre-compressed core file published for
+    other budget is given; ``bytes_ratio`` is a byte budget instead (core bytes per image, values and scales,
+    over the raw uint8 image, never exceeded; the file, HDF5 filter applied, is what :attr:`bytes_ratio` then
+    reports). ``core_dtype`` is the storage of the cores (``"float16"``, ``"float32"`` or ``"int8"``; default
+    float16, or int8 with ``bytes_ratio``); ``compression`` the HDF5 filter of the core file (``"gzip"``, the
+    default, ``"lzf"``, ``"zstd"`` with hdf5plugin, or ``None``); ``archive_dir`` where core files live;
+    ``bias=True`` serves the images with the residual bias stored by :func:`mpsdata.distill.save_bias` (and counts
+    it in ``ratio`` and ``bytes_ratio``). With ``download=True`` a pre-compressed core file published for
     exactly these settings is fetched first (from ``mirrors``, ``MPSDATA_MIRROR`` or the shipped manifest, see
     docs/hosting.md); only when none is published is the raw data downloaded and compressed here.
     """
@@ -68,25 +72,32 @@ class MPSVisionDataset(VisionDataset):
         download: bool = False,
         *,
         ratio: float | None = None,
+        bytes_ratio: float | None = None,
         bond_dims: Sequence[int] | None = None,
         max_bond: int | None = None,
         tol: float | None = None,
         residual: int = 0,
         site_dims: SiteDims = None,
         channel_mode: ChannelMode = "separate",
-        core_dtype: str = DEFAULT_CORE_DTYPE,
+        core_dtype: str | None = None,
+        compression: str | None = DEFAULT_COMPRESSION,
         archive_dir: str | os.PathLike | None = None,
         mirrors: str | Sequence[str] | None = None,
         bias: bool = False,
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
-        if ratio is None and bond_dims is None and max_bond is None and tol is None:
+        if ratio is None and bytes_ratio is None and bond_dims is None and max_bond is None and tol is None:
             ratio = DEFAULT_RATIO
-        check_budget(ratio, bond_dims, max_bond, tol, residual)
-        if core_dtype not in ("float16", "float32"):
-            raise ValueError(f"core_dtype must be 'float16' or 'float32', got {core_dtype!r}")
+        check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
+        if core_dtype is None:
+            core_dtype = "int8" if bytes_ratio is not None else DEFAULT_CORE_DTYPE
+        if core_dtype not in CORE_DTYPES:
+            raise ValueError(f"core_dtype must be one of {CORE_DTYPES}, got {core_dtype!r}")
+        filter_options(compression)  # fails early on a bad name or a missing plugin
+        self._compression = "none" if compression is None else compression
         self._options: dict[str, Any] = {
             "ratio": ratio,
+            "bytes_ratio": bytes_ratio,
             "bond_dims": None if bond_dims is None else [int(d) for d in bond_dims],
             "max_bond": max_bond,
             "tol": tol,
@@ -137,8 +148,8 @@ class MPSVisionDataset(VisionDataset):
         channels, height, width = self.image_shape
         layout = make_layout(height, width, channels, self._options["site_dims"], self._options["channel_mode"])
         terms = self._options["residual"] + 1
-        budget = {k: self._options[k] for k in ("ratio", "bond_dims", "max_bond", "tol")}
-        bonds, _ = _solve_bonds(layout, terms=terms, **budget)
+        budget = {k: self._options[k] for k in ("ratio", "bond_dims", "max_bond", "tol", "bytes_ratio")}
+        bonds, _ = _solve_bonds(layout, terms=terms, core_dtype=core_dtype, **budget)
         return {
             "dataset": type(self).__name__,
             "split": self._split,
@@ -147,6 +158,7 @@ class MPSVisionDataset(VisionDataset):
             "layout": layout.describe(),
             "resolved_bond_dims": list(bonds) if self._options["tol"] is None else None,
             "core_dtype": core_dtype,
+            "compression": self._compression,
         }
 
     def _build(self, path: Path, download: bool, settings: dict[str, Any], core_dtype: str) -> None:
@@ -171,6 +183,7 @@ class MPSVisionDataset(VisionDataset):
             image_mode=self.image_mode,
             options=self._options,
             core_dtype=core_dtype,
+            compression=self._compression,
             settings=settings,
             meta={"classes": source.classes, "source": source.identity, "channels": channels},
         )
