@@ -769,6 +769,7 @@ def _decode_chunk(cores, sites, caps, offs, scatter, lanes, out, quantize):
     A = np.empty((N, L), dtype)
     Bf = np.empty((N, L), dtype)
     acc = np.empty((N, L), dtype)
+    q = np.empty((N if quantize else 0, L), np.uint8)
     for b0 in range(0, B, L):
         nb = min(L, B - b0)
         for i in range(N):
@@ -784,12 +785,21 @@ def _decode_chunk(cores, sites, caps, offs, scatter, lanes, out, quantize):
             for i in range(N):
                 for lane in range(L):
                     acc[i, lane] += values[i, lane]
-        for lane in range(nb):
+        # Back to one row per image. Position-major order: each read is one contiguous run of lanes, and
+        # the rows being written stay in cache. Quantising first, across lanes, vectorises.
+        if quantize:
+            for i in range(N):
+                for lane in range(L):
+                    q[i, lane] = np.uint8(min(max(np.floor(acc[i, lane] + 0.5), 0.0), 255.0))  # as _decode_single
             for p in range(scatter.shape[0]):
-                v = acc[scatter[p], lane]
-                if quantize:
-                    v = min(max(np.floor(v + 0.5), 0.0), 255.0)
-                out[b0 + lane, p] = v
+                src = scatter[p]
+                for lane in range(nb):
+                    out[b0 + lane, p] = q[src, lane]
+        else:
+            for p in range(scatter.shape[0]):
+                src = scatter[p]
+                for lane in range(nb):
+                    out[b0 + lane, p] = acc[src, lane]
 
 
 @numba.njit(**_JIT)
