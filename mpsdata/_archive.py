@@ -42,10 +42,20 @@ from ._layout import Layout
 from ._mps import decompose
 from ._version import __version__ as _version
 
-__all__ = ["FORMAT_VERSION", "CoreFile", "check_header", "write_core_file", "settings_key"]
+__all__ = [
+    "FORMAT_VERSION",
+    "INT8_FORMAT_VERSION",
+    "MAX_FORMAT_VERSION",
+    "CoreFile",
+    "check_header",
+    "write_core_file",
+    "settings_key",
+]
 
 FORMAT = "mpsdata-cores"
-FORMAT_VERSION = 2  # the newest version this module reads; it writes 1 unless the cores are int8
+FORMAT_VERSION = 1  # files with float cores (filtered or not: h5py decodes gzip and lzf by itself)
+INT8_FORMAT_VERSION = 2  # files with int8 cores: a version-1 reader would read the codes as values
+MAX_FORMAT_VERSION = 2  # the newest version this module reads
 CORE_DTYPES = ("float16", "float32", "int8")
 #: HDF5 filters of a core file; "gzip" (with byte shuffle) is the default by measurement (docs/bytes.md):
 #: within 3 % of zstd's bytes on stored cores, and every HDF5 reader decodes it without a plugin.
@@ -118,7 +128,7 @@ def write_core_file(
         image_mode: PIL mode of the items (``"L"`` or ``"RGB"``).
         options: Keyword arguments of :func:`mpsdata.decompose` (budget, layout).
         core_dtype: Storage of the cores, ``"float16"``, ``"float32"`` or ``"int8"`` (per-core scales in the
-            left-canonical gauge, see :mod:`mpsdata._quant`; makes a format version 2 file).
+            left-canonical gauge, see :mod:`mpsdata._quant`).
         settings: Everything the file must match to be reused (stored as JSON, checked on open).
         meta: Source identity and class names (stored as JSON).
         progress: Show a tqdm progress bar.
@@ -138,7 +148,7 @@ def write_core_file(
         with h5py.File(tmp, "w", libver=("v110", "v110"), locking=False, track_order=True) as f:
             _write_batches(f, batches, num_samples, image_shape, options, core_dtype, filters, progress)
             f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = 2 if core_dtype == "int8" else 1  # v1 readers can read the rest
+            f.attrs["format_version"] = INT8_FORMAT_VERSION if core_dtype == "int8" else FORMAT_VERSION
             f.attrs["mpsdata_version"] = _version
             f.attrs["image_mode"] = image_mode
             f.attrs["settings"] = json.dumps(settings, sort_keys=True)
@@ -517,10 +527,10 @@ class CoreFile:
         if f.attrs.get("format") != FORMAT:
             raise MPSDataError(f"{self.path} is not an mpsdata core file (format attribute {f.attrs.get('format')!r})")
         version = int(f.attrs["format_version"])
-        if version > FORMAT_VERSION:
+        if version > MAX_FORMAT_VERSION:
             raise MPSDataError(
                 f"core file {self.path} has format version {version}, newer than this mpsdata reads "
-                f"({FORMAT_VERSION}); upgrade mpsdata (`pip install -U mpsdata`)"
+                f"({MAX_FORMAT_VERSION}); upgrade mpsdata (`pip install -U mpsdata`)"
             )
         self.settings: dict[str, Any] = json.loads(f.attrs["settings"])
         self.meta: dict[str, Any] = json.loads(f.attrs["meta"])

@@ -21,7 +21,7 @@ from fakes import fake_images, write_cifar, write_mnist
 
 import mpsdata
 from mpsdata import _archive
-from mpsdata._archive import FORMAT_VERSION, CoreFile, iterate_batches, write_core_file
+from mpsdata._archive import FORMAT_VERSION, MAX_FORMAT_VERSION, CoreFile, iterate_batches, write_core_file
 from mpsdata._layout import make_layout
 from mpsdata.datasets import _base
 
@@ -142,7 +142,7 @@ def test_verify_reports_every_image(mnist_file) -> None:
     assert report["images"] == cores.num_samples
     assert report["content_sha256"] == cores.content_sha256
     with h5py.File(mnist_file[0], "r", locking=False) as f:
-        assert f.attrs["format_version"] == 1  # float cores: version 1, readable by every reader
+        assert f.attrs["format_version"] == FORMAT_VERSION == 1  # float cores: version 1, as before filters
         assert f.attrs["content_sha256"] == cores.content_sha256
         assert all(f[name].attrs["sha256"] for name in ("ranks", "mse", "targets"))
 
@@ -337,8 +337,8 @@ def test_flipped_target_bytes_raise_on_open(copy_of: Path) -> None:
 
 def test_newer_format_version_raises(copy_of: Path) -> None:
     with h5py.File(copy_of, "r+", locking=False) as f:
-        f.attrs["format_version"] = FORMAT_VERSION + 1
-    with pytest.raises(mpsdata.MPSDataError, match=f"format version {FORMAT_VERSION + 1}.*upgrade") as info:
+        f.attrs["format_version"] = MAX_FORMAT_VERSION + 1
+    with pytest.raises(mpsdata.MPSDataError, match=f"format version {MAX_FORMAT_VERSION + 1}.*upgrade") as info:
         CoreFile(copy_of)
     assert str(copy_of) in str(info.value)
 
@@ -386,7 +386,7 @@ def _write_int8(path: Path, images: np.ndarray, targets: np.ndarray, **kwargs) -
     )  # fmt: skip
 
 
-def test_int8_file_round_trips_and_is_version_2(tmp_path: Path) -> None:
+def test_int8_file_round_trips(tmp_path: Path) -> None:
     images = fake_images(40, 28, 28, seed=3)
     path = _write_int8(tmp_path / "a.h5", images, np.arange(40) % 10)
     cores = CoreFile(path)
@@ -397,7 +397,7 @@ def test_int8_file_round_trips_and_is_version_2(tmp_path: Path) -> None:
     assert np.array_equal(cores.decode_one(7), decoded[7].numpy())
     assert cores.verify()["images"] == 40
     with h5py.File(path, "r", locking=False) as f:
-        assert f.attrs["format_version"] == 2
+        assert f.attrs["format_version"] == MAX_FORMAT_VERSION == 2  # int8 cores: version 2
         assert all(f[name].compression == "gzip" and f[name].shuffle for name in ("cores/site_0", "scales", "norms"))
     assert _write_int8(tmp_path / "b.h5", images, np.arange(40) % 10).read_bytes() == path.read_bytes()
 
