@@ -9,6 +9,9 @@ with site dimensions ``j_1 ... j_n``. Two families:
   mixed radix, coarse to fine, and site ``k`` holds the ``k``-th row digit and the ``k``-th column digit,
   so each site is one level of a quadtree-like refinement (``[(7, 7), (2, 2), (2, 2)]`` for 28x28).
 
+The default (``site_dims=None``) was chosen by measurement on real images (docs/layouts.md): the plain matrix
+SVD ``[H, W]`` below 32 pixels a side, a two-level block layout (block position x pixel in the block) above.
+
 Every layout reduces to one gather index (site order <- flat image) and its inverse, so padding (edge
 replication for sizes that do not factor well) and a colour site cost nothing extra at run time.
 """
@@ -126,10 +129,13 @@ def make_layout(
         height: Image height.
         width: Image width.
         channels: Number of channels of the image (used only when ``channel_mode="site"``).
-        site_dims: ``None`` for the default, ``"row"`` or ``"hierarchical"`` for that family's default
-            factorisation, a sequence of ints for explicit row-major sites (their product must be
-            ``height * width``), or a sequence of ``(row, col)`` pairs for explicit hierarchical sites
-            (row digits multiply to ``height``, column digits to ``width``).
+        site_dims: ``None`` for the measured default (docs/layouts.md): from 32 pixels a side a two-level
+            block layout (block position, pixel in the block) with blocks of about ``size ** 0.4`` pixels a
+            side (``size ** (1 / 3)`` with a channel site; at least 4), below that the plain SVD ``[H, W]``;
+            ``"row"`` (the paper's five-site shapes) or ``"hierarchical"`` (Latorre's digit-by-digit
+            addressing, largest prime digit first), a sequence of ints for explicit row-major sites (their
+            product must be ``height * width``), or a sequence of ``(row, col)`` pairs for explicit
+            hierarchical sites (row digits multiply to ``height``, column digits to ``width``).
         channel_mode: ``"separate"`` (each channel is its own MPS) or ``"site"`` (channels form the last
             site of one MPS).
 
@@ -145,6 +151,12 @@ def make_layout(
         (2, 4, 7, 7, 2)
         >>> make_layout(28, 28, site_dims="hierarchical").site_dims
         (49, 4, 4)
+        >>> make_layout(28, 28).describe(), make_layout(224, 224).describe()
+        ('row [28, 28]', 'hierarchical [(28, 28), (8, 8)]')
+        >>> make_layout(224, 224, 3, channel_mode="site").describe()
+        'hierarchical [(32, 32), (7, 7)] + channel site 3'
+        >>> make_layout(1, 12).site_dims  # one row: a factorisation of its length
+        (2, 3, 2)
     """
     if channel_mode not in ("separate", "site"):
         raise ValueError(f"channel_mode must be 'separate' or 'site', got {channel_mode!r}")
@@ -158,7 +170,16 @@ def make_layout(
         channel_site = ()
 
     if site_dims is None:
-        site_dims = _DEFAULT_FAMILY
+        rule = _BLOCK_RULES[bool(channel_site)]
+        if min(height, width) < 2:  # a single row or column: only a factorisation of its length splits it
+            site_dims = "row"
+        elif min(height, width) < rule.min_size:
+            site_dims = [height, width]  # the plain matrix SVD
+        else:
+            (ch, fh), (cw, fw) = _block_digits(height, rule), _block_digits(width, rule)
+            return _hierarchical(
+                height, width, site_channels, (ch, fh), (cw, fw), ch * fh, cw * fw, channel_site, site_mode
+            )
     if isinstance(site_dims, str):
         if site_dims == "row":
             ph, pw = _smooth_at_least(height), _smooth_at_least(width)
@@ -204,7 +225,22 @@ def make_layout(
     raise TypeError(f"site_dims must hold ints or (row, col) pairs, got {list(site_dims)!r}")
 
 
-_DEFAULT_FAMILY = "hierarchical"  # chosen by measurement, see docs/layouts.md
+@dataclass(frozen=True)
+class _BlockRule:
+    """The default two-level block layout: a fine block of side about ``size ** exponent`` (at least
+    ``min_fine``) for images of at least ``min_size`` pixels a side; the plain matrix SVD below."""
+
+    exponent: float
+    min_fine: int
+    min_size: int
+
+
+# The default layout (site_dims=None), chosen by measurement on real images (benchmarks/layouts.py; tables and
+# reasons in docs/layouts.md): a two-level block layout, the SVD of the matrix (block position) x (pixel inside
+# the block). One MPS per channel: fine side ~ size ** 0.4 (4 for 32x32, 8 for 224x224) from 32 pixels a side,
+# the plain matrix SVD [H, W] below (28x28 Fashion-MNIST: it beat every other layout). With a channel site the
+# best blocks were smaller: 4 pixels a side from 32 to 128 pixels, 6 to 7 at 224 to 227: ~ size ** (1 / 3).
+_BLOCK_RULES = {False: _BlockRule(0.4, 4, 32), True: _BlockRule(1 / 3, 4, 32)}
 
 
 def _check_sites(sites: tuple[int, ...]) -> None:
@@ -255,6 +291,27 @@ def _smooth_at_least(n: int) -> int:
     while not _smooth(m):
         m += 1
     return m
+
+
+def _block_digits(n: int, rule: _BlockRule) -> tuple[int, int]:
+    """``(coarse, fine)`` digits of one side of the default block layout; ``coarse * fine >= n`` (edge padding).
+
+    The fine block side is at least ``rule.min_fine`` (one MPS per channel: smaller blocks make a rank so
+    costly that ratio 0.1 becomes unreachable) and within a factor sqrt(2) of ``n ** rule.exponent``; a side it
+    divides is preferred, then the one nearest the target; a side no candidate divides is padded to a multiple
+    of that nearest one.
+
+    Example:
+        >>> [_block_digits(n, _BLOCK_RULES[False]) for n in (32, 33, 100, 224, 227)]
+        [(8, 4), (9, 4), (20, 5), (28, 8), (26, 9)]
+        >>> [_block_digits(n, _BLOCK_RULES[True]) for n in (32, 96, 128, 224, 227)]
+        [(8, 4), (24, 4), (32, 4), (32, 7), (38, 6)]
+    """
+    target = n**rule.exponent
+    low = max(rule.min_fine, math.ceil(target / math.sqrt(2)))
+    fines = range(low, max(low, math.floor(target * math.sqrt(2))) + 1)
+    fine = min(fines, key=lambda f: (n % f != 0, abs(math.log(f / target))))
+    return -(-n // fine), fine
 
 
 def _hierarchical_digits(n: int) -> tuple[int, ...]:

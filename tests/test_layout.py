@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import mpsdata
 from mpsdata._layout import Layout, make_layout
 
 SIZES = [(2, 2), (2, 3), (3, 3), (4, 4), (5, 7), (8, 8), (12, 20), (13, 17), (28, 28), (29, 31), (32, 32), (40, 37)]
@@ -170,10 +171,54 @@ def test_default_layouts_for_every_size() -> None:
                 assert layout.num_sites >= 2, where
                 assert min(layout.site_dims) >= 2, where
                 assert layout.padded_height >= height and layout.padded_width >= width, where
-                assert max(_prime_factors(layout.padded_height * layout.padded_width), default=1) <= 7, where
                 assert math.prod(layout.site_dims) == layout.padded_height * layout.padded_width, where
+                if family is not None:  # the families factor the (padded) size into small primes
+                    assert max(_prime_factors(layout.padded_height * layout.padded_width), default=1) <= 7, where
                 if family == "row":
                     assert layout.kind == "row"
+
+
+def test_default_is_the_measured_choice() -> None:
+    # docs/layouts.md: the plain matrix SVD below 32 px a side, a two-level block layout from 32 px, with
+    # smaller blocks when the channels are a site.
+    svd = make_layout(28, 28)
+    assert (svd.kind, svd.site_dims, svd.padded_height) == ("row", (28, 28), 28)
+    assert make_layout(29, 31).site_dims == (29, 31)  # no padding: the SVD needs no factorisation
+    assert make_layout(28, 28, 3, channel_mode="site").site_dims == (28, 28, 3)
+    for size, (coarse, fine) in [(32, (8, 4)), (64, (16, 4)), (100, (20, 5)), (224, (28, 8))]:
+        layout = make_layout(size, size)
+        assert (layout.rows, layout.cols) == ((coarse, fine), (coarse, fine)), size
+        assert layout.site_dims == (coarse**2, fine**2) and layout.padded_height == size, size
+    for size, (coarse, fine) in [(32, (8, 4)), (96, (24, 4)), (128, (32, 4)), (224, (32, 7))]:
+        layout = make_layout(size, size, 3, channel_mode="site")
+        assert (layout.rows, layout.site_dims) == ((coarse, fine), (coarse**2, fine**2, 3)), size
+    assert make_layout(128, 128, 1, channel_mode="site").site_dims == (256, 64)  # one channel: no channel site
+    padded = make_layout(227, 227)  # 227 is prime: edge padding to a multiple of the fine block
+    assert (padded.rows, padded.padded_height, padded.padded_width) == ((26, 9), 234, 234)
+
+
+def test_default_two_site_layout_is_the_truncated_matrix_svd() -> None:
+    x = torch.randn(28, 28, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(x)
+    m = mpsdata.decompose(x, bond_dims=[5])
+    assert torch.allclose(m.reconstruct(), u[:, :5] @ torch.diag(s[:5]) @ vh[:5], atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("height", "width"),
+    [(1, 12), (12, 1), (1, 1000), (2, 1000), (31, 500), (500, 31), (32, 1000), (229, 64), (227, 227), (33, 97)],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_default_layout_for_awkward_sizes(height: int, width: int, channels: int) -> None:
+    mode = "site" if channels > 1 else "separate"
+    layout = make_layout(height, width, channels, channel_mode=mode)
+    assert layout.num_sites >= 2 and min(layout.site_dims) >= 2, layout.describe()
+    if min(height, width) >= 32:  # the block layout pads less than one fine block
+        assert 0 <= layout.padded_height - height < layout.rows[-1]
+        assert 0 <= layout.padded_width - width < layout.cols[-1]
+    shape = (channels, height, width) if channels > 1 else (height, width)
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    assert torch.equal(layout.from_sites(layout.to_sites(x)), x)
 
 
 def test_known_shapes() -> None:
