@@ -278,6 +278,9 @@ def decompose(
         site_dims: Site layout: ``None`` (the measured default for the image size), ``"row"``,
             ``"hierarchical"``, explicit row-major sizes (``[2, 4, 7, 7, 2]``), or hierarchical
             ``(row, col)`` digit pairs (``[(7, 7), (2, 2), (2, 2)]``). ``[H, W]`` is the plain matrix SVD.
+            ``"auto"`` searches on the first 64 images for the layout with the best PSNR at the budget
+            (``ratio`` or ``bytes_ratio``; candidates: both families, ``[H, W]``, balanced 3- and 4-site
+            chains; :func:`mpsdata._quant.search_layout`) and uses it for all; :attr:`MPS.layout` tells which.
         channel_mode: ``"separate"`` (each channel its own MPS) or ``"site"`` (channels as the last site).
         core_dtype: Storage scheme of the cores, one of :data:`CORE_DTYPES`: the cores are rounded to it (so
             :meth:`MPS.reconstruct` shows what a core file holds) and :attr:`MPS.nbytes` counts it. The integer
@@ -327,6 +330,8 @@ def decompose(
 
     channels = x.shape[-3] if channel_mode == "site" else 1
     height, width = x.shape[-2], x.shape[-1]
+    if isinstance(site_dims, str) and site_dims == "auto":
+        site_dims = _auto_sites(x, image_dims, ratio, bytes_ratio, core_dtype, terms)
     layout = make_layout(height, width, channels, site_dims, channel_mode)
     bonds, use_tol = _solve_bonds(layout, ratio, bond_dims, max_bond, tol, terms, bytes_ratio, core_dtype)
 
@@ -523,6 +528,35 @@ def _solve_bonds(
     if max_bond is not None:
         caps = [min(c, int(max_bond)) for c in caps]
     return _budget.tighten(caps, sites), float(tol or 0.0)
+
+
+AUTO_SAMPLE = 64  # images site_dims="auto" searches on
+
+
+def _auto_sites(x: torch.Tensor, image_dims: int, ratio, bytes_ratio, core_dtype, terms: int):
+    """The site spec with the best mean PSNR at the budget on the first images (``site_dims="auto"``)."""
+    from . import _quant
+
+    if ratio is None and bytes_ratio is None:
+        raise ValueError("site_dims='auto' searches layouts at a ratio or bytes_ratio budget; give one of them")
+    sample = x.reshape(-1, *x.shape[x.ndim - image_dims :])[:AUTO_SAMPLE].to(torch.float64).cpu()
+    if sample.shape[0] == 0:
+        return None
+    if image_dims == 3 and sample.shape[1] not in (1, 3):
+        raise ValueError(f"site_dims='auto' with channel_mode='site' takes 1 or 3 channels, got {sample.shape[1]}")
+    if x.dtype != torch.uint8:  # the search scores uint8 images: map the sample's range onto 0..255
+        low, high = sample.min(), sample.max()
+        sample = (sample - low) * (255 / (high - low)) if high > low else torch.zeros_like(sample)
+    if bytes_ratio is not None:
+        scheme, budget = core_dtype or "int8", float(bytes_ratio)
+    else:  # float32 bytes are 4 per parameter: this budget gives exactly the bonds of the ratio
+        scheme, budget = "float32", 4 * float(ratio)
+    colours = ("rgb-site",) if image_dims == 3 else None
+    try:
+        found = _quant.search_layout(sample, budget / terms, scheme, colours=colours, domains=("pixels",))
+    except ValueError as error:
+        raise ValueError(f"site_dims='auto': {error}") from None
+    return found["best"]["site_dims"]
 
 
 def _round_cores(cores: torch.Tensor, flat: torch.Tensor, layout: Layout, bonds, core_dtype: str):

@@ -707,3 +707,32 @@ def test_default_nbytes_counts_the_math_dtype() -> None:
 def test_byte_budget_errors(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         mpsdata.decompose(torch.rand(2, 8, 8), site_dims=[8, 8], **kwargs)
+
+
+def test_auto_site_dims_picks_the_best_layout_on_the_sample() -> None:
+    from mpsdata import _quant
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.rand(40, 16, 1, generator=g) * torch.rand(40, 1, 16, generator=g) * 200  # rank-1 images
+    x = (rows + torch.rand(40, 16, 16, generator=g) * 20).round().to(torch.uint8)
+    for budget in ({"ratio": 0.3}, {"bytes_ratio": 0.3}):
+        auto = mpsdata.decompose(x, site_dims="auto", **budget)
+        found = _quant.search_layout(
+            x.double(), 4 * 0.3 if "ratio" in budget else 0.3, "float32" if "ratio" in budget else "int8",
+            domains=("pixels",),
+        )  # fmt: skip
+        assert auto.site_dims == found["best"]["layout"]
+        psnr = {}
+        for name, m in (("auto", auto), ("default", mpsdata.decompose(x, **budget))):
+            mse = (m.reconstruct(torch.uint8).double() - x.double()).square().flatten(1).mean(1)
+            psnr[name] = float((10 * torch.log10(255**2 / mse.clamp_min(1e-10))).mean())
+        assert psnr["auto"] >= psnr["default"] - 1e-9  # the default layout is among the candidates
+
+
+def test_auto_site_dims_errors() -> None:
+    with pytest.raises(ValueError, match="auto.*ratio or bytes_ratio"):
+        mpsdata.decompose(torch.rand(2, 8, 8), bond_dims=[2], site_dims="auto")
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        mpsdata.decompose(torch.rand(2, 4, 8, 8), ratio=0.5, site_dims="auto", channel_mode="site")
+    rgb = mpsdata.decompose(torch.rand(2, 3, 8, 8), ratio=0.5, site_dims="auto", channel_mode="site")
+    assert rgb.layout.channel_site and rgb.reconstruct().shape == (2, 3, 8, 8)

@@ -293,6 +293,12 @@ def test_cuda_tensor_stays_on_cuda() -> None:
     assert (out.cpu().int() - transform(x.cpu()).int()).abs().max() <= 1
 
 
+def test_auto_layout_in_the_transform() -> None:
+    x = _image((2, 16, 16))
+    out = MPSCompress(ratio=0.4, site_dims="auto")(x)
+    assert torch.equal(out, mpsdata.decompose(x, ratio=0.4, site_dims="auto").reconstruct(torch.uint8))
+
+
 def test_byte_budget_output_is_what_int8_cores_hold() -> None:
     x = _image((2, 16, 16))
     out = MPSCompress(bytes_ratio=0.4, site_dims=[16, 16])(x)

@@ -89,6 +89,12 @@ class MPSVisionDataset(VisionDataset):
         if ratio is None and bytes_ratio is None and bond_dims is None and max_bond is None and tol is None:
             ratio = DEFAULT_RATIO
         check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
+        if isinstance(site_dims, str) and site_dims == "auto":
+            raise ValueError(
+                "site_dims='auto' works in mpsdata.decompose and MPSCompress, not yet for datasets (the file name "
+                "needs the layout before the raw data is read); pick one with decompose(sample, ..., "
+                "site_dims='auto').layout.site_dims and pass it as site_dims"
+            )
         if core_dtype is None:
             core_dtype = "int8" if bytes_ratio is not None else DEFAULT_CORE_DTYPE
         if core_dtype not in CORE_DTYPES:
