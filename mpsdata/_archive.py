@@ -532,6 +532,7 @@ class CoreFile:
                 f"core file {self.path} has format version {version}, newer than this mpsdata reads "
                 f"({MAX_FORMAT_VERSION}); upgrade mpsdata (`pip install -U mpsdata`)"
             )
+        self.format_version = version
         self.settings: dict[str, Any] = json.loads(f.attrs["settings"])
         self.meta: dict[str, Any] = json.loads(f.attrs["meta"])
         self.image_mode = str(f.attrs["image_mode"])

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ._archive import COMPRESSIONS, CORE_DTYPES, DEFAULT_COMPRESSION
 from ._version import __version__
 
 _DATASETS = {
@@ -45,13 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget = build.add_argument_group("budget (default: --ratio 0.4)")
     budget.add_argument("--ratio", type=float, help="the paper's compression ratio in (0, 1]")
+    budget.add_argument(
+        "--bytes-ratio", type=float, help="byte budget: core bytes per image over raw uint8 bytes (int8 cores)"
+    )
     budget.add_argument("--bond-dims", type=_int_list, help="explicit bond dimensions, e.g. 2,6,5,2")
     budget.add_argument("--max-bond", type=int, help="cap on every bond")
     budget.add_argument("--tol", type=float, help="relative error tolerance")
     budget.add_argument("--residual", type=int, default=0, help="residual MPS terms (paper Alg. 2)")
     build.add_argument("--site-dims", type=_site_dims, help="'row', 'hierarchical' or sizes like 2,4,7,7,2")
     build.add_argument("--channel-mode", choices=("separate", "site"), default="separate")
-    build.add_argument("--core-dtype", choices=("float16", "float32"), default="float16")
+    build.add_argument(
+        "--core-dtype", choices=CORE_DTYPES, help="storage of the cores (default: float16; int8 with --bytes-ratio)"
+    )
+    build.add_argument(
+        "--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION, help="HDF5 filter of the core file"
+    )
     build.add_argument("--image-size", type=int, help="(imagenet, imagefolder) side of the stored images")
     build.set_defaults(handler=_build)
 
@@ -111,6 +120,7 @@ def _site_dims(text: str) -> Any:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         "ratio": args.ratio,
+        "bytes_ratio": args.bytes_ratio,
         "bond_dims": args.bond_dims,
         "max_bond": args.max_bond,
         "tol": args.tol,
@@ -118,6 +128,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "site_dims": args.site_dims,
         "channel_mode": args.channel_mode,
         "core_dtype": args.core_dtype,
+        "compression": args.compression,
     }
     if args.image_size is not None:
         if args.dataset not in ("imagenet", "imagefolder"):
@@ -184,7 +195,7 @@ def _summary(path: Path) -> dict[str, Any]:
     mse = cores.mse.double().clamp_min(1e-10)
     return {
         "file": str(path),
-        "format_version": 1,
+        "format_version": cores.format_version,
         "dataset": cores.settings["dataset"],
         "split": cores.settings["split"],
         "images": cores.num_samples,
@@ -297,10 +308,10 @@ def _originals(cores, root: Path, count: int) -> np.ndarray:
     cls = getattr(mpsdata, name, None)
     if cls is None:
         raise ValueError(f"unknown dataset {name!r} in {cores.path}")
-    options = {
-        k: settings[k] for k in ("ratio", "bond_dims", "max_bond", "tol", "residual", "site_dims", "channel_mode")
-    }
+    keys = ("ratio", "bytes_ratio", "bond_dims", "max_bond", "tol", "residual", "site_dims", "channel_mode")
+    options = {k: settings.get(k) for k in keys}
     options["core_dtype"] = settings["core_dtype"]
+    options["compression"] = settings.get("compression", "none")
     options["archive_dir"] = cores.path.parent
     if name in ("MPSImageFolder", "MPSImageNet"):
         options["image_size"] = settings["image_shape"][-1]

@@ -22,7 +22,7 @@ import torchvision
 from fakes import write_cifar, write_image_folder, write_mnist
 
 import mpsdata
-from mpsdata._archive import FORMAT_VERSION, CoreFile
+from mpsdata._archive import FORMAT_VERSION, MAX_FORMAT_VERSION, CoreFile
 from mpsdata.cli import main
 
 INFO_KEYS = {
@@ -128,6 +128,24 @@ def test_build_options_reach_the_file(tmp_path: Path, capsys: pytest.CaptureFixt
     _assert_error(status, err, "build")
     status, _, _ = _run(capsys, "build", "mnist", "--root", root, "--ratio", "0.25")
     assert status == 0 and len(list((root / "MNIST" / "mps").glob("*.h5"))) == 2
+
+
+def test_build_with_a_byte_budget(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--bytes-ratio`` stores int8 cores (format version 2) within the budget; ``info`` and ``show`` read the file."""
+    write_mnist(tmp_path / "raw")
+    root = tmp_path / "data"
+    argv = ["build", "mnist", "--root", root, "--raw", tmp_path / "raw", "--bytes-ratio", "0.3", "--compression", "lzf"]
+    status, _, err = _run(capsys, *argv)
+    assert status == 0, err
+    (path,) = (root / "MNIST" / "mps").glob("*.h5")
+    cores = CoreFile(path)
+    assert cores.core_dtype == "int8" and cores.settings["compression"] == "lzf"
+    assert mpsdata.MPSMNIST(root, bytes_ratio=0.3, compression="lzf").archive == path
+    status, out, _ = _run(capsys, "info", path, "--json")
+    info = json.loads(out)
+    assert status == 0 and info["format_version"] == MAX_FORMAT_VERSION == 2 and info["core_dtype"] == "int8"
+    status, _, err = _run(capsys, "show", path, "--out", tmp_path / "grid.png", "--root", root)
+    assert status == 0, err
 
 
 def test_build_cifar10(tmp_path: Path, no_md5: None, capsys: pytest.CaptureFixture) -> None:
@@ -271,7 +289,7 @@ def test_verify_fails_on_a_truncated_file(built, tmp_path: Path, capsys: pytest.
 def test_verify_fails_on_a_newer_format(built, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     newer = Path(shutil.copy(built[2], tmp_path / "newer.h5"))
     with h5py.File(newer, "r+", locking=False) as f:
-        f.attrs["format_version"] = FORMAT_VERSION + 1
+        f.attrs["format_version"] = MAX_FORMAT_VERSION + 1
     status, _, err = _run(capsys, "verify", newer)
     _assert_error(status, err, "verify", str(newer), "upgrade")
 
@@ -301,8 +319,8 @@ def test_show_writes_a_png(built, tmp_path: Path, capsys: pytest.CaptureFixture)
 
 @pytest.mark.parametrize("site_dims", [None, "row"])
 def test_show_channel_site_file(tmp_path: Path, no_md5: None, capsys: pytest.CaptureFixture, site_dims) -> None:
-    """KNOWN BUG (reported): files built with channel_mode="site" lose ``channel_site`` in their stored layout,
-    and ``show`` then fails on them."""
+    """Files built with channel_mode="site" keep ``channel_site`` in their stored layout, so ``show`` reads them
+    (a regression test: it once failed on them)."""
     write_cifar(tmp_path, per_batch=2, num_test=4)
     path = mpsdata.MPSCIFAR10(tmp_path, train=False, channel_mode="site", site_dims=site_dims).archive
     status, _, err = _run(capsys, "show", path, "--out", tmp_path / "grid.png", "--root", tmp_path)
@@ -312,7 +330,7 @@ def test_show_channel_site_file(tmp_path: Path, no_md5: None, capsys: pytest.Cap
 
 
 def test_show_with_root_lacking_raw_data(built, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """KNOWN BUG (reported): with --root holding no raw files, an AssertionError escapes as a traceback."""
+    """With --root holding no raw files, a one-line error, not a traceback (a regression test)."""
     status, _, err = _run(capsys, "show", built[2], "--out", tmp_path / "x.png", "--root", tmp_path / "nothing")
     assert status == 1 and err.startswith("mpsdata show: error: ")
     assert not (tmp_path / "x.png").exists()

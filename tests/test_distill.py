@@ -290,7 +290,8 @@ def test_teacher_logits_from_a_dataset_of_pil_images():
     items = [(PIL.Image.fromarray(u8[i, 0].numpy()), i % 3) for i in range(10)]  # torchvision-style items
     teacher = make_teacher()
     expected = distill.teacher_logits(teacher, u8)
-    assert torch.equal(distill.teacher_logits(teacher, items, batch_size=4), expected)
+    # Same inputs; only the batching differs, and conv kernels may sum in another order per batch size.
+    torch.testing.assert_close(distill.teacher_logits(teacher, items, batch_size=4), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(distill.teacher_logits(teacher, u8[:, 0].numpy()), expected)  # (N, H, W) arrays too
 
 
