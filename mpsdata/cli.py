@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--tol", type=float, help="relative error tolerance")
     budget.add_argument("--residual", type=int, default=0, help="residual MPS terms (paper Alg. 2)")
     build.add_argument("--site-dims", type=_site_dims, help="'row', 'hierarchical' or sizes like 2,4,7,7,2")
-    build.add_argument("--channel-mode", choices=("separate", "site"), default="separate")
+    build.add_argument("--channel-mode", choices=("site", "separate"), default="site")
     build.add_argument(
         "--core-dtype", choices=CORE_DTYPES, help="storage of the cores (default: float16; int8 with --bytes-ratio)"
     )
@@ -255,7 +255,7 @@ def _show(args: argparse.Namespace) -> int:
     originals = _originals(cores, args.root, count) if args.root is not None else None
     layout = cores.geometry.layout
     site_dims = [tuple(p) for p in zip(layout.rows, layout.cols)] if layout.rows else list(layout.site_dims)
-    if layout.channel_site and layout.rows is None:
+    if layout.channel_site and layout.channels > 1 and layout.rows is None:  # one channel adds no site
         site_dims = site_dims[:-1]
     mode = "site" if layout.channel_site else "separate"
     import torch

@@ -174,8 +174,7 @@ def test_tolerance_budget_grows_bonds_across_batches(tmp_path: Path) -> None:
 def test_layout_round_trips(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, channel_mode: str, site_dims: str | None
 ) -> None:
-    """KNOWN BUG (reported) for channel_mode="site": the file's layout JSON has no ``channel_site``, so the
-    layout read back claims separate channels (``mpsdata show`` then fails on such files)."""
+    """The file's layout JSON keeps ``channel_site``: the layout read back is the one built (a regression test)."""
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
     write_cifar(tmp_path, per_batch=2, num_test=4)
     ds = mpsdata.MPSCIFAR10(tmp_path, train=False, channel_mode=channel_mode, site_dims=site_dims)

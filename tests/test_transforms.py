@@ -70,6 +70,11 @@ def _image(shape, dtype=torch.uint8, seed=0) -> torch.Tensor:
     return torch.rand(shape, generator=gen).to(dtype)
 
 
+def _reference(x: torch.Tensor, **options: Any) -> mpsdata.MPS:
+    """What MPSCompress computes by default: the channels of a ``[..., C, H, W]`` image folded in as a site."""
+    return mpsdata.decompose(x, channel_mode="site" if x.ndim >= 3 else "separate", **options)
+
+
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("shape", [(3, 28, 28), (1, 12, 20), (2, 3, 16, 16), (28, 28)])
@@ -78,7 +83,7 @@ def test_tensor_checks(shape, dtype) -> None:
     x = _image(shape, dtype)
     out = check_transform(transform, x)
     # The output is the MPS approximation, not the input.
-    expected = mpsdata.decompose(x, ratio=0.4).reconstruct(torch.uint8 if dtype == torch.uint8 else None)
+    expected = _reference(x, ratio=0.4).reconstruct(torch.uint8 if dtype == torch.uint8 else None)
     if dtype != torch.uint8:
         expected = expected.clamp(0, 1).to(dtype)
     assert torch.equal(out, expected)
@@ -107,7 +112,7 @@ def test_colour_site_batched_equals_unbatched() -> None:
 def test_uint8_stays_in_range_and_is_rounded() -> None:
     # A saturated binary image: its approximation overshoots 0..255, the transform must clamp.
     x = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(1)) > 0.5).to(torch.uint8) * 255
-    raw = mpsdata.decompose(x, ratio=0.3).reconstruct()
+    raw = _reference(x, ratio=0.3).reconstruct()
     assert raw.min() < 0 and raw.max() > 255  # the clamp is exercised
     out = MPSCompress(ratio=0.3)(x)
     assert out.dtype == torch.uint8
@@ -116,7 +121,7 @@ def test_uint8_stays_in_range_and_is_rounded() -> None:
 
 def test_float_unit_range_stays_in_unit_range() -> None:
     x = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(2)) > 0.5).float()
-    raw = mpsdata.decompose(x, ratio=0.3).reconstruct()
+    raw = _reference(x, ratio=0.3).reconstruct()
     assert raw.min() < 0 and raw.max() > 1
     out = MPSCompress(ratio=0.3)(x)
     assert out.min() >= 0 and out.max() <= 1
@@ -127,7 +132,7 @@ def test_float_outside_unit_range_is_not_clamped() -> None:
     # Normalised images (here -1..1) keep their scale: clamping them to [0, 1] would destroy them.
     x = torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
     out = MPSCompress(ratio=0.4)(x)
-    assert torch.equal(out, mpsdata.decompose(x, ratio=0.4).reconstruct())
+    assert torch.equal(out, _reference(x, ratio=0.4).reconstruct())
     assert out.min() < 0
 
 
@@ -204,10 +209,16 @@ def test_wrong_tensor_input() -> None:
 
 # ---------------------------------------------------------------------------------------------------
 def test_repr_shows_the_options() -> None:
-    assert repr(MPSCompress(ratio=0.5)) == "MPSCompress(ratio=0.5)"
+    assert repr(MPSCompress(ratio=0.5)) == "MPSCompress(ratio=0.5)"  # defaults are not shown
     text = repr(
         MPSCompress(
-            bond_dims=[2, 3], max_bond=3, tol=0.1, residual=1, site_dims="row", channel_mode="site", dtype=torch.float64
+            bond_dims=[2, 3],
+            max_bond=3,
+            tol=0.1,
+            residual=1,
+            site_dims="row",
+            channel_mode="separate",
+            dtype=torch.float64,
         )
     )
     for part in (
@@ -216,7 +227,7 @@ def test_repr_shows_the_options() -> None:
         "tol=0.1",
         "residual=1",
         "site_dims='row'",
-        "channel_mode='site'",
+        "channel_mode='separate'",
         "dtype=torch.float64",
     ):
         assert part in text, (part, text)
@@ -243,8 +254,8 @@ def test_arguments_are_checked_in_init(kwargs, error, match) -> None:
 
 # Non-default values for every constructor argument, split into budgets that may be combined.
 _SETTINGS: list[dict[str, Any]] = [
-    {"ratio": 0.6, "residual": 1, "site_dims": [4, 8, 8], "channel_mode": "site", "dtype": torch.float64},
-    {"bond_dims": [3, 4], "max_bond": 3, "tol": 0.1, "site_dims": [(2, 2), (2, 2), (4, 4)]},
+    {"ratio": 0.6, "residual": 1, "site_dims": [4, 8, 8], "channel_mode": "separate", "dtype": torch.float64},
+    {"bond_dims": [3, 4, 3], "max_bond": 3, "tol": 0.1, "site_dims": [(2, 2), (2, 2), (4, 4)]},  # + channel site
     {"bytes_ratio": 0.5, "core_dtype": "int4", "site_dims": [16, 16]},
 ]
 
@@ -294,17 +305,17 @@ def test_cuda_tensor_stays_on_cuda() -> None:
 
 
 def test_auto_layout_in_the_transform() -> None:
-    x = _image((2, 16, 16))
+    x = _image((3, 16, 16))
     out = MPSCompress(ratio=0.4, site_dims="auto")(x)
-    assert torch.equal(out, mpsdata.decompose(x, ratio=0.4, site_dims="auto").reconstruct(torch.uint8))
+    assert torch.equal(out, _reference(x, ratio=0.4, site_dims="auto").reconstruct(torch.uint8))
 
 
 def test_byte_budget_output_is_what_int8_cores_hold() -> None:
     x = _image((2, 16, 16))
     out = MPSCompress(bytes_ratio=0.4, site_dims=[16, 16])(x)
-    m = mpsdata.decompose(x, bytes_ratio=0.4, site_dims=[16, 16])
+    m = _reference(x, bytes_ratio=0.4, site_dims=[16, 16])
     assert torch.equal(out, m.reconstruct(torch.uint8))
-    assert int(m.nbytes.max()) <= 0.4 * 256 and m.core_dtype == "int8"
+    assert int(m.nbytes.max()) <= 0.4 * 2 * 256 and m.core_dtype == "int8"  # one MPS for both channels
 
 
 @pytest.mark.parametrize(

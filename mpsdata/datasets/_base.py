@@ -50,7 +50,8 @@ class MPSVisionDataset(VisionDataset):
     The MPS options are keyword-only, as in :func:`mpsdata.decompose`; ``ratio`` defaults to 0.4 when no
     other budget is given; ``bytes_ratio`` is a byte budget instead (core bytes per image, values and scales,
     over the raw uint8 image, never exceeded; the file, HDF5 filter applied, is what :attr:`bytes_ratio` then
-    reports). ``core_dtype`` is the storage of the cores (``"float16"``, ``"float32"`` or ``"int8"``; default
+    reports). ``channel_mode`` defaults to ``"site"`` (colour channels as the last site of one MPS per image: 3 to
+    6 dB better than ``"separate"`` on photos at the same ratio, docs/layouts.md). ``core_dtype`` is the storage of the cores (``"float16"``, ``"float32"`` or ``"int8"``; default
     float16, or int8 with ``bytes_ratio``); ``compression`` the HDF5 filter of the core file (``"gzip"``, the
     default, ``"lzf"``, ``"zstd"`` with hdf5plugin, or ``None``); ``archive_dir`` where core files live;
     ``bias=True`` serves the images with the residual bias stored by :func:`mpsdata.distill.save_bias` (and counts
@@ -78,7 +79,7 @@ class MPSVisionDataset(VisionDataset):
         tol: float | None = None,
         residual: int = 0,
         site_dims: SiteDims = None,
-        channel_mode: ChannelMode = "separate",
+        channel_mode: ChannelMode = "site",
         core_dtype: str | None = None,
         compression: str | None = DEFAULT_COMPRESSION,
         archive_dir: str | os.PathLike | None = None,
