@@ -174,15 +174,17 @@ def _tql2(V, d, e, n, eps, vectors):
 def _tred2_lanes(Z, D, E, n, vectors, t):
     """``tred2`` on every lane at once: ``Z[:, :, l]`` (symmetric) to tridiagonal ``D[:n, l]``, ``E[:n, l]``.
 
-    The scalar ``_tred2`` with lanes innermost and its zero-column branch replaced by safe inverses (a
-    zero column then gives the identity step, as the branch does); divisions by ``h`` are multiplications
-    by its inverse. On return ``Z[y, x, l]`` holds the orthogonal transform ``V[x, y]`` (transposed, as
-    ``_tql2_lanes`` wants it) when ``vectors``, else garbage. ``t`` is ``(6, L)`` scratch.
+    The scalar ``_tred2`` with lanes innermost and its zero-column branch replaced by masks (a zero
+    column, or one below ``eps**2`` of the matrix, which should be scaled to norm about one, gives the
+    identity step, as the branch does); divisions by ``h`` are multiplications by its inverse. On return
+    ``Z[y, x, l]`` holds the orthogonal transform ``V[x, y]`` (transposed, as ``_tql2_lanes`` wants it)
+    when ``vectors``, else garbage. ``t`` is ``(6, L)`` scratch.
     """
     L = Z.shape[2]
     zero = D.dtype.type(0.0)
     one = D.dtype.type(1.0)
     half = D.dtype.type(0.5)
+    negligible = np.finfo(D.dtype).eps ** 2
     sc, hv, hinv, fv, gv, inv = t[0], t[1], t[2], t[3], t[4], t[5]
     for j in range(n):
         for lane in range(L):
@@ -195,10 +197,14 @@ def _tred2_lanes(Z, D, E, n, vectors, t):
             for lane in range(L):
                 sc[lane] += abs(D[k, lane])
         for lane in range(L):
-            inv[lane] = one / sc[lane] if sc[lane] > zero else zero  # a zero column: no reflection
+            # A column below rounding level of the (unit-scaled) matrix is dropped: no reflection, as for a
+            # zero column. Reflections built from ~1e-38 values lose orthogonality in float32.
+            big = sc[lane] > negligible
+            inv[lane] = sc[lane] if big else one
+            hinv[lane] = one if big else zero
         for k in range(i):
             for lane in range(L):
-                x = D[k, lane] * inv[lane]
+                x = D[k, lane] / inv[lane] * hinv[lane]
                 D[k, lane] = x
                 hv[lane] += x * x
         for lane in range(L):
@@ -352,7 +358,10 @@ def _tql2_lanes(Vt, d, e, n, eps, vectors, work, act):
                 el = e[low, lane] if a else one
                 g = d[low, lane]
                 p = (d[low + 1, lane] - g) / (el + el)
-                r = np.sqrt(p * p + one)
+                ap = abs(p)  # hypot(p, 1) without overflow: p is huge when a zero diagonal meets a tiny coupling
+                q = one / ap if ap > one else ap
+                r = np.sqrt(q * q + one)
+                r = ap * r if ap > one else r
                 r = -r if p < zero else r
                 dl = el / (p + r)
                 dl1 = el * (p + r)

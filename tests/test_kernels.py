@@ -24,6 +24,13 @@ def _solve(mats: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.ndarr
     return values, vecs
 
 
+def _grouped(n: int) -> np.ndarray:
+    """Rank-3 Gram matrix of a nearly flat image patch: three groups of identical rows (a real case)."""
+    group = np.minimum(np.arange(n) * 3 // max(n, 1), 2)
+    table = np.array([[171.0, 172.0, 173.0], [172.0, 174.0, 175.0], [173.0, 175.0, 178.0]])
+    return table[group][:, group]
+
+
 def _hard_cases(n: int, rng: np.random.Generator) -> list[np.ndarray]:
     b = rng.normal(size=(n, n))
     q = np.linalg.qr(b)[0]
@@ -38,6 +45,7 @@ def _hard_cases(n: int, rng: np.random.Generator) -> list[np.ndarray]:
         q @ np.diag([1.0] * (n // 2) + [0.0] * (n - n // 2)) @ q.T,  # two repeated eigenvalues
         block,  # zero rows and columns
         np.ones((n, n)),
+        _grouped(n),  # identical rows: Householder scales fall to ~1e-38 in float32 (1 / scale overflowed)
         1e30 * (b @ b.T),  # would overflow float32 squares without the scaling
         1e-30 * (b @ b.T),
     ]
