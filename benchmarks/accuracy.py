@@ -1034,6 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     stage_arms = {"param": param_arms, "residual": residual_arms, "bytes": bytes_arms, "low": low_arms}
     stage_arms = {stage: [a for a in arms if a.name not in args.skip] for stage, arms in stage_arms.items()}
     mlp_arms = [a for a in mlp_arms if a.name not in args.skip]
+    candidate_arms = [a for a in candidate_arms if a.name not in args.skip]
     if args.skip:
         results.data["skipped"] = sorted({*results.data.get("skipped", []), *args.skip})
     for stage, arms in stage_arms.items():  # build first: the expensive sets are cached for every seed

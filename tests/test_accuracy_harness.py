@@ -98,11 +98,15 @@ def test_mps_arm_serves_the_core_file_and_counts_two_bytes_per_parameter(fashion
     assert ts.info["psnr"] == pytest.approx(accuracy.psnr(ts.images, fashion.pool))
 
 
-def test_factor_baselines_count_four_bytes_per_parameter(fashion: Builder) -> None:
+def test_svd_counts_four_bytes_per_parameter(fashion: Builder) -> None:
     svd = fashion.training_set(Arm("svd", 0.4))
     rank = math.floor(0.4 * 784 / 56)
     assert svd.info["settings"]["rank"] == rank
     assert svd.info["bytes_per_image"] == 4 * rank * 56 and svd.info["ratio"] == pytest.approx(rank * 56 / 784)
+
+
+@pytest.mark.slow  # ICE's first call compiles its kernels: 7 s here, minutes on a loaded machine
+def test_ice_counts_four_bytes_per_parameter(fashion: Builder) -> None:
     ice = fashion.training_set(Arm("ice+dct", 0.4))
     assert ice.info["settings"]["site_dims"] == [49, 4, 4]  # the explicit hierarchical sites
     assert ice.info["bytes_per_image"] == pytest.approx(4 * ice.info["ratio"] * 784)
