@@ -843,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="5,000 training images, 1 seed, 1 epoch")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--epochs", type=int, default=None, help="default 3 (quick: 1)")
-    parser.add_argument("--select-seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
+    parser.add_argument("--select-seeds", type=int, nargs="+", default=None, help="default 0")
     parser.add_argument("--low-seeds", type=int, nargs="+", default=None, help="below 40 %%; default 0")
     parser.add_argument("--mlp-seeds", type=int, nargs="+", default=None, help="default: --seeds")
     parser.add_argument(
@@ -873,7 +873,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or Path(__file__).parent / "results" / f"{name}{'-quick' if args.quick else ''}.json"
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     epochs = args.epochs or (1 if args.quick else 3)
-    select_seeds = args.select_seeds or ([0] if args.quick else [0, 1, 2])
+    select_seeds = args.select_seeds or [0]
     low_seeds = args.low_seeds or [seeds[0]]
     mlp_seeds = args.mlp_seeds or seeds
     pool_size = 5000 if args.quick else None
