@@ -91,6 +91,21 @@ class BaselineResult:
 
 
 # -- factor methods ---------------------------------------------------------------------------------------
+
+
+def _factor_result(
+    images: torch.Tensor, n: int, params: int, values: int, method: str, settings: dict[str, Any]
+) -> BaselineResult:
+    """The result of a factor method: ``params`` float32 numbers stored per image of ``values`` values."""
+    return BaselineResult(
+        images,
+        torch.full((n,), params / values, dtype=torch.float64),
+        torch.full((n,), params * _FLOAT32_BYTES, dtype=torch.int64),
+        method,
+        settings,
+    )
+
+
 def ice(
     x: torch.Tensor,
     ratio: float | None = None,
@@ -159,10 +174,11 @@ def ice(
         rec = coeffs
     params = c * _budget.num_params(m.bond_dims, m.site_dims)  # stored slots, the same for every image
     name = "ice" if transform is None else f"ice+{transform}"
-    return BaselineResult(
+    return _factor_result(
         _like(rec, x),
-        torch.full((n,), params / (c * h * w), dtype=torch.float64),
-        torch.full((n,), params * _FLOAT32_BYTES, dtype=torch.int64),
+        n,
+        params,
+        c * h * w,
         f"{name} bonds {list(m.bond_dims)}",
         {"bond_dims": m.bond_dims, "site_dims": m.site_dims, "transform": transform},
     )
@@ -209,13 +225,7 @@ def svd(x: torch.Tensor, ratio: float) -> BaselineResult:
     left = (u[..., :rank] * s[..., None, :rank]).to(torch.float32)  # what is stored
     right = vh[..., :rank, :].to(torch.float32)
     params = c * rank * (h + w)
-    return BaselineResult(
-        _like(left @ right, x),
-        torch.full((n,), params / (c * h * w), dtype=torch.float64),
-        torch.full((n,), params * _FLOAT32_BYTES, dtype=torch.int64),
-        f"svd rank {rank}",
-        {"rank": rank},
-    )
+    return _factor_result(_like(left @ right, x), n, params, c * h * w, f"svd rank {rank}", {"rank": rank})
 
 
 def cp(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineResult:
@@ -273,13 +283,7 @@ def cp(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineResul
             stored[0] = stored[0] * np.asarray(weights, np.float32)
             out[i] = _cp_contract(stored).reshape(image.shape)
     params = rank * sum(dims)
-    return BaselineResult(
-        _like(_from_numpy_hwc(out), x),
-        torch.full((n,), params / (c * h * w), dtype=torch.float64),
-        torch.full((n,), params * _FLOAT32_BYTES, dtype=torch.int64),
-        f"cp rank {rank}",
-        {"rank": rank},
-    )
+    return _factor_result(_like(_from_numpy_hwc(out), x), n, params, c * h * w, f"cp rank {rank}", {"rank": rank})
 
 
 def tucker(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineResult:
@@ -333,12 +337,8 @@ def tucker(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineR
             stored = np.moveaxis(np.tensordot(np.asarray(f, np.float32), stored, axes=(1, mode)), 0, mode)
         out[i] = stored.reshape(image.shape)
     params = math.prod(ranks) + sum(d * r for d, r in zip(dims, ranks, strict=True))
-    return BaselineResult(
-        _like(_from_numpy_hwc(out), x),
-        torch.full((n,), params / (c * h * w), dtype=torch.float64),
-        torch.full((n,), params * _FLOAT32_BYTES, dtype=torch.int64),
-        f"tucker ranks {list(ranks)}",
-        {"ranks": ranks},
+    return _factor_result(
+        _like(_from_numpy_hwc(out), x), n, params, c * h * w, f"tucker ranks {list(ranks)}", {"ranks": ranks}
     )
 
 
