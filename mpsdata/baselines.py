@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _budget
-from ._mps import decompose
+from ._mps import _check_int, _check_number, decompose
 from ._typing import SiteDims
 
 __all__ = [
@@ -571,20 +571,6 @@ def _cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.uint8:
         return y.round().clamp_(0, 255).to(torch.uint8)
     return y.to(dtype)
-
-
-def _check_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_ratio(ratio) -> float:
