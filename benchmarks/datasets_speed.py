@@ -110,6 +110,7 @@ def main() -> None:
     items = 5_000 if args.quick else 20_000
     epoch_images = 10_000 if args.quick else 60_000
 
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare_root(args.fashion, root)
@@ -121,13 +122,22 @@ def main() -> None:
         ours[0], tv[0]
         rng = np.random.default_rng(0)
         indices = rng.permutation(len(tv))[:items]
-        rows: dict[str, list[float]] = {k: [] for k in ("tv_item", "ours_item", "tv_item_tensor", "ours_batched")}
+        keys = ("tv_item", "ours_item", "tv_item_tensor", "ours_batched", "ours_batched_1thread")
+        rows: dict[str, list[float]] = {k: [] for k in keys}
         rows.update({"tv_epoch": [], "ours_epoch": []})
         for _ in range(repeats):  # interleaved so that load changes hit both sides alike
             rows["tv_item"].append(per_item(tv, indices))
             rows["ours_item"].append(per_item(ours, indices))
             rows["tv_item_tensor"].append(per_item(tv_t, indices))
             rows["ours_batched"].append(batched(ours, indices))
+            # The same with one torch thread: on an oversubscribed machine torch's parallel regions in
+            # .float()/.div_() wait for descheduled threads; torchvision's per-item path never goes parallel.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                rows["ours_batched_1thread"].append(batched(ours, indices))
+            finally:
+                torch.set_num_threads(threads)
         for _ in range(max(1, repeats // 2)):
             rows["tv_epoch"].append(epoch(tv_t, 2, epoch_images))
             rows["ours_epoch"].append(epoch(ours_t, 2, epoch_images))
@@ -140,7 +150,9 @@ def main() -> None:
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
             "mpsdata": mpsdata.__version__,
-            "date": time.strftime("%Y-%m-%d"),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpu_count": os.cpu_count(),
+            "load_average_start_end": [load_start, os.getloadavg()],
         },
         "ratio": args.ratio,
         "layout": ours.archive.name,
@@ -168,6 +180,11 @@ def main() -> None:
     print(
         f"| torchvision per item + ToTensor vs mpsdata decode_batch (us/image) | {best['tv_item_tensor'] * us:.2f} | "
         f"{best['ours_batched'] * us:.3f} | speed-up {best['tv_item_tensor'] / best['ours_batched']:.1f}x | >= 20x |"
+    )
+    print(
+        f"| same, torch.set_num_threads(1) (us/image) | {best['tv_item_tensor'] * us:.2f} | "
+        f"{best['ours_batched_1thread'] * us:.3f} | "
+        f"speed-up {best['tv_item_tensor'] / best['ours_batched_1thread']:.1f}x | >= 20x |"
     )
     print(
         f"| build 60,000 train images (s, peak MiB; import alone {build['import_only_peak_mib']:.0f} MiB) | - | "
