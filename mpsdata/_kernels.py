@@ -781,9 +781,11 @@ def _decode_chunk(cores, sites, caps, offs, scatter, lanes, out, quantize):
     q = np.empty((N if quantize else 0, L), np.uint8)
     for b0 in range(0, B, L):
         nb = min(L, B - b0)
-        for i in range(N):
-            for lane in range(L):
-                acc[i, lane] = 0.0
+        if terms != 1:
+            for i in range(N):
+                for lane in range(L):
+                    acc[i, lane] = 0.0
+        res = acc
         for term in range(terms):
             for i in range(P):
                 for lane in range(nb):
@@ -791,15 +793,18 @@ def _decode_chunk(cores, sites, caps, offs, scatter, lanes, out, quantize):
                 for lane in range(nb, L):
                     core[i, lane] = 0.0
             values = _contract_block(core, sites, caps, offs, A, Bf)
-            for i in range(N):
-                for lane in range(L):
-                    acc[i, lane] += values[i, lane]
+            if terms == 1:  # read the contraction's buffer: one pass less over N x L values
+                res = values
+            else:
+                for i in range(N):
+                    for lane in range(L):
+                        acc[i, lane] += values[i, lane]
         # Back to one row per image. Position-major order: each read is one contiguous run of lanes, and
         # the rows being written stay in cache. Quantising first, across lanes, vectorises.
         if quantize:
             for i in range(N):
                 for lane in range(L):
-                    q[i, lane] = np.uint8(min(max(np.floor(acc[i, lane] + 0.5), 0.0), 255.0))  # as _decode_single
+                    q[i, lane] = np.uint8(min(max(np.floor(res[i, lane] + 0.5), 0.0), 255.0))  # as _decode_single
             for p in range(scatter.shape[0]):
                 src = scatter[p]
                 for lane in range(nb):
@@ -808,7 +813,7 @@ def _decode_chunk(cores, sites, caps, offs, scatter, lanes, out, quantize):
             for p in range(scatter.shape[0]):
                 src = scatter[p]
                 for lane in range(nb):
-                    out[b0 + lane, p] = acc[src, lane]
+                    out[b0 + lane, p] = res[src, lane]
 
 
 @numba.njit(**_JIT)
