@@ -47,17 +47,18 @@ class MPSVisionDataset(VisionDataset):
     downloading it with ``download=True``; afterwards the file is opened and items are decoded on the fly.
     Subclasses provide the raw data (:meth:`_raw_exists`, :meth:`_download`, :meth:`_source`) and attributes.
 
-    The MPS options are keyword-only, as in :func:`mpsdata.decompose`; ``ratio`` defaults to 0.4 when no
-    other budget is given; ``bytes_ratio`` is a byte budget instead (core bytes per image, values and scales,
-    over the raw uint8 image, never exceeded; the file, HDF5 filter applied, is what :attr:`bytes_ratio` then
-    reports). ``channel_mode`` defaults to ``"site"`` (colour channels as the last site of one MPS per image: 3 to
-    6 dB better than ``"separate"`` on photos at the same ratio, docs/layouts.md). ``core_dtype`` is the storage of the cores (``"float16"``, ``"float32"`` or ``"int8"``; default
-    float16, or int8 with ``bytes_ratio``); ``compression`` the HDF5 filter of the core file (``"gzip"``, the
-    default, ``"lzf"``, ``"zstd"`` with hdf5plugin, or ``None``); ``archive_dir`` where core files live;
-    ``bias=True`` serves the images with the residual bias stored by :func:`mpsdata.distill.save_bias` (and counts
-    it in ``ratio`` and ``bytes_ratio``). With ``download=True`` a pre-compressed core file published for
-    exactly these settings is fetched first (from ``mirrors``, ``MPSDATA_MIRROR`` or the shipped manifest, see
-    docs/hosting.md); only when none is published is the raw data downloaded and compressed here.
+    The MPS options are keyword-only, as in :func:`mpsdata.decompose`; ``ratio`` defaults to 0.4 when no other
+    budget is given; ``bytes_ratio`` is a byte budget instead (core bytes per image, values and scales, over the raw
+    uint8 image, never exceeded; the file, HDF5 filter applied, is what :attr:`bytes_ratio` then reports).
+    ``channel_mode`` defaults to ``"site"`` (colour channels as the last site of one MPS per image: 3 to 6 dB better
+    than ``"separate"`` on photos at the same ratio, docs/layouts.md). ``core_dtype`` is the storage of the cores
+    (``"float16"``, ``"float32"`` or ``"int8"``; default float16, or int8 with ``bytes_ratio``); ``compression`` the
+    HDF5 filter of the core file (``"gzip"``, the default, ``"lzf"``, ``"zstd"`` with hdf5plugin, or ``None``);
+    ``archive_dir`` where core files live; ``bias=True`` serves the images with the residual bias stored by
+    :func:`mpsdata.distill.save_bias` (and counts it in ``ratio`` and ``bytes_ratio``). With ``download=True`` a
+    pre-compressed core file published for exactly these settings is fetched first (from ``mirrors``,
+    ``MPSDATA_MIRROR`` or the shipped manifest, see docs/hosting.md); only when none is published is the raw data
+    downloaded and compressed here.
     """
 
     image_mode = "L"
