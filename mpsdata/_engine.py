@@ -167,6 +167,8 @@ def decode(
     """
     if backend == "auto":
         backend = "numba" if cores.device.type == "cpu" else "torch"
+    if backend == "numba" and len(site_dims) == 2:
+        return _decode_matrix(cores, scatter, site_dims, bonds, quantize)
     if backend == "numba":
         if contraction_cost(site_dims, bonds) > 1.25 * contraction_cost(site_dims[::-1], bonds[::-1]):
             floats = cores if cores.dtype in (torch.float32, torch.float64) else cores.float()
@@ -174,6 +176,24 @@ def decode(
             cores = torch.from_numpy(flipped)
         return _decode_numba(cores, scatter, site_dims, bonds, quantize)
     return _decode_torch(cores, scatter, site_dims, bonds, quantize)
+
+
+def _decode_matrix(cores, scatter, site_dims, bonds, quantize) -> torch.Tensor:
+    """Two sites are one matrix product per image: batched BLAS beats the lane kernel there (0.48 against
+    0.95 us per 28x28 rank-5 image, docs/benchmarks.md). Same accumulation dtype as the kernel and the same
+    rounding (in float64), so the images equal the kernel's and the single-image kernel's."""
+    B, terms, _ = cores.shape
+    if cores.dtype not in (torch.float32, torch.float64):
+        cores = cores.float()
+    (d0, d1), bond = site_dims, bonds[0]
+    left = cores[:, :, : d0 * bond].reshape(B, terms, d0, bond).transpose(1, 2).reshape(B, d0, terms * bond)
+    right = cores[:, :, d0 * bond : d0 * bond + bond * d1].reshape(B, terms * bond, d1)  # terms summed by the product
+    values = torch.bmm(left, right).reshape(B, d0 * d1)
+    if scatter.shape[0] != d0 * d1 or not np.array_equal(scatter, np.arange(d0 * d1)):
+        values = values.index_select(1, torch.from_numpy(np.asarray(scatter, np.int64)))
+    if quantize:
+        return values.to(torch.float64).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------
