@@ -84,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 import mpsdata
-from mpsdata import baselines
+from mpsdata import _signal, baselines
 
 __all__ = [
     "Arm",
@@ -252,9 +252,7 @@ class TrainingSet:
 
 def psnr(rec: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean over images of the per-image PSNR (dB, uint8 scale, capped at 100 dB)."""
-    mse = (rec.double() - ref.double()).square().flatten(1).mean(1)
-    values = (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).clamp_max(100.0)
-    return float(values.mean()) if len(values) else float("nan")
+    return float(_signal.psnr(rec, ref).mean()) if len(rec) else float("nan")
 
 
 def budget(images_kept: int, pool: int, chw: int, nbytes_per_kept: float, ratio: float, note: str) -> dict:

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 import mpsdata
-from mpsdata import _quant, _shared, baselines
+from mpsdata import _quant, _shared, _signal, baselines
 
 ROOT = Path(__file__).resolve().parent.parent
 PSNR_CAP = 100.0
@@ -149,7 +149,7 @@ def as_nchw(x: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(rec: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
-    return _shared.psnr(as_nchw(rec), as_nchw(ref)).numpy()
+    return _signal.psnr(as_nchw(rec), as_nchw(ref)).numpy()
 
 
 def ssim(rec: torch.Tensor, ref: torch.Tensor) -> np.ndarray:

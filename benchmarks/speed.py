@@ -117,18 +117,9 @@ def reference_ttsvd(flat: torch.Tensor, site_dims: Sequence[int], bonds: Sequenc
     return cores
 
 
-def contract(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Naive batched contraction of cores ``(B, d, j, d')`` with ``torch.bmm``: ``(B, prod j)`` in site order."""
-    B = cores[0].shape[0]
-    out = cores[0].reshape(B, -1, cores[0].shape[-1])
-    for core in cores[1:]:
-        out = torch.bmm(out, core.reshape(B, core.shape[1], -1)).reshape(B, -1, core.shape[-1])
-    return out.reshape(B, -1)
-
-
 def naive_decode(cores: Sequence[torch.Tensor], scatter: torch.Tensor, quantize: bool) -> torch.Tensor:
     """Contract with ``bmm``, put the values back in image order, optionally round to uint8."""
-    values = contract(cores).index_select(1, scatter)
+    values = _engine._contract_torch(cores).index_select(1, scatter)
     if quantize:
         return values.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
     return values
@@ -189,7 +180,7 @@ def run_encode(name: str, x: torch.Tensor, layout, bonds, repeats: int, tl_subse
     result["ratio"] = mpsdata.decompose(x[:1].float(), bond_dims=list(bonds), site_dims=list(sites)).ratio.mean().item()
     result["tensorly_images"] = min(tl_subset, n_images)
     flat64 = x.reshape(-1, layout.num_values).double().index_select(1, gather_t)
-    ref64 = rel_errors(flat64, contract(reference_ttsvd(flat64, sites, bonds)))
+    ref64 = rel_errors(flat64, _engine._contract_torch(reference_ttsvd(flat64, sites, bonds)))
     for dname, dtype in DTYPES.items():
         xf = x.to(dtype)  # every method gets the same float input of its compute dtype
         flat = xf.reshape(-1, layout.num_values)
@@ -220,7 +211,7 @@ def run_encode(name: str, x: torch.Tensor, layout, bonds, repeats: int, tl_subse
         outs = {k: fn() for k, fn in methods.items()}
         errs = {
             "reference torch.linalg.svd": rel_errors(
-                flat.index_select(1, gather_t), contract(outs["reference torch.linalg.svd"])
+                flat.index_select(1, gather_t), _engine._contract_torch(outs["reference torch.linalg.svd"])
             ),
             "tensorly tensor_train per image": rel_errors(
                 torch.from_numpy(sub_sites),
@@ -233,7 +224,7 @@ def run_encode(name: str, x: torch.Tensor, layout, bonds, repeats: int, tl_subse
             ),
         }
         for k in ("ours encode tails=False", "ours encode tails=True"):
-            decoded = contract(packed_cores(outs[k].cores.double(), sites, bonds)).index_select(
+            decoded = _engine._contract_torch(packed_cores(outs[k].cores.double(), sites, bonds)).index_select(
                 1, torch.from_numpy(scatter)
             )
             errs[k] = rel_errors(flat, decoded)

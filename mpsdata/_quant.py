@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import _budget, _engine
+from ._signal import dct2, psnr
 
 __all__ = [
     "SCHEMES",
@@ -411,14 +412,6 @@ def _refit_term(
     return codes, scales, deq
 
 
-def _contract(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    b = cores[0].shape[0]
-    out = cores[0].reshape(b, -1, cores[0].shape[-1])
-    for core in cores[1:]:
-        out = (out @ core.reshape(b, core.shape[1], -1)).reshape(b, -1, core.shape[-1])
-    return out.reshape(b, -1)
-
-
 def _als_sweep(
     target: torch.Tensor, codes, scales, deq, site_dims: Sequence[int], bond_dims: Sequence[int], scheme: str
 ) -> None:
@@ -427,7 +420,7 @@ def _als_sweep(
     b = target.shape[0]
     full = _full(bond_dims)
     n = len(site_dims)
-    err = (_contract(deq) - target).square().sum(1)
+    err = (_engine._contract_torch(deq) - target).square().sum(1)
     for k in range(n):
         left_env = target.new_ones(b, 1, 1)
         for core in deq[:k]:
@@ -443,7 +436,7 @@ def _als_sweep(
         d = _dequantize_core(c, s, scheme).to(target.dtype)
         trial = list(deq)
         trial[k] = d
-        new_err = (_contract(trial) - target).square().sum(1)
+        new_err = (_engine._contract_torch(trial) - target).square().sum(1)
         better = new_err < err
         shape = (-1, 1, 1, 1)
         codes[k] = torch.where(better.view(shape), c, codes[k])
@@ -530,10 +523,12 @@ def _refit_chunk(target, site_dims, bond_dims, terms, scheme, sweeps) -> tuple[t
         all_codes.append(codes)
         all_scales.append(scales)
         all_deq.append(deq)
-        residual = residual - _contract(deq)
+        residual = residual - _engine._contract_torch(deq)
     for _ in range(sweeps):
         for t in range(terms):
-            others = sum((_contract(all_deq[u]) for u in range(terms) if u != t), torch.zeros_like(target))
+            others = sum(
+                (_engine._contract_torch(all_deq[u]) for u in range(terms) if u != t), torch.zeros_like(target)
+            )
             _als_sweep(target - others, all_codes[t], all_scales[t], all_deq[t], site_dims, bond_dims, scheme)
     codes = torch.stack([torch.cat([c.reshape(b, -1) for c in term], -1) for term in all_codes], 1)
     scales = torch.stack([torch.stack(term, -1) for term in all_scales], 1)
@@ -589,20 +584,6 @@ def _candidate_sites(height: int, width: int) -> list:
         if len(factors) >= n:
             specs.append(list(_balanced_sites(factors, n)))
     return specs
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    diff = a.to(torch.float64) - b.to(torch.float64)
-    mse = diff.reshape(diff.shape[0], -1).square().mean(1)
-    return (10 * torch.log10(255.0**2 / mse.clamp_min(1e-300))).clamp_max(100.0)
-
-
-def _dct2(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    from ._shared import dct_matrix
-
-    rows = dct_matrix(x.shape[-2], x.dtype, x.device)
-    cols = dct_matrix(x.shape[-1], x.dtype, x.device)
-    return rows.mT @ x @ cols if inverse else rows @ x @ cols.mT
 
 
 def _encode_channels(planes: torch.Tensor, spec, budgets: Sequence[float], scheme: str, sweeps: int):
@@ -679,7 +660,7 @@ def apply_layout(
     if colour == "ycc":
         planes = colour_transform(planes)
     if domain == "dct":
-        planes = _dct2(planes)
+        planes = dct2(planes)
     if colour == "rgb-site":
         layout = make_layout(h, w, c, site_dims, "site")
         bonds = bonds_for_bytes(layout.site_dims, bytes_ratio, layout.num_values, 1, scheme)
@@ -696,7 +677,7 @@ def apply_layout(
         rec, nbytes, bonds_all = _encode_channels(planes, site_dims, [bytes_ratio * c * s for s in shares], scheme,
                                                   sweeps)  # fmt: skip
     if domain == "dct":
-        rec = _dct2(rec, inverse=True)
+        rec = dct2(rec, inverse=True)
     if colour == "ycc":
         rec = colour_transform(rec, inverse=True)
     out = rec.round().clamp(0, 255).to(torch.uint8)
@@ -789,7 +770,7 @@ def search_layout(
                 results.append({
                     "site_dims": spec, "layout": resolved, "colour": colour if c == 3 else "gray",
                     "luma_share": share, "domain": domain, "bond_dims": bonds_all,
-                    "bytes_ratio": nbytes / (c * h * w), "psnr": float(_psnr(rec, x).mean()),
+                    "bytes_ratio": nbytes / (c * h * w), "psnr": float(psnr(rec, x).mean()),
                 })  # fmt: skip
     if not results:
         raise ValueError(

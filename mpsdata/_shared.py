@@ -35,12 +35,13 @@ import numba
 import numpy as np
 import torch
 
+from ._signal import dct_matrix, psnr
+
 __all__ = [
     "COLOUR_YCC",
     "Encoded",
     "SharedCodec",
     "colour_transform",
-    "dct_matrix",
     "fit_shared",
     "search_shared",
 ]
@@ -66,21 +67,6 @@ _LENGTH_FIELD = 4  # bytes per image for its stored length (uint32)
 
 # ---------------------------------------------------------------------------------------------------
 # Transforms
-def dct_matrix(size: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Orthonormal DCT-II matrix ``C[k, j] = s_k cos(pi (2 j + 1) k / (2 size))``.
-
-    Example:
-        >>> c = dct_matrix(4)
-        >>> bool(torch.allclose(c @ c.T, torch.eye(4, dtype=torch.float64)))
-        True
-    """
-    k = torch.arange(size, dtype=torch.float64)[:, None]
-    j = torch.arange(size, dtype=torch.float64)[None]
-    mat = torch.cos(math.pi * (2 * j + 1) * k / (2 * size)) * math.sqrt(2 / size)
-    mat[0] /= math.sqrt(2)
-    return mat.to(dtype=dtype, device=device)
-
-
 def colour_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Orthonormal RGB <-> luma/chroma (:data:`COLOUR_YCC`) on the channel dim of ``(..., 3, H, W)``.
 
@@ -821,10 +807,3 @@ def search_shared(
     codec = fit_shared(x, bytes_ratio, transform=best["transform"], block=best["block"], colour=best["colour"],
                        dataset_size=dataset_size)  # fmt: skip
     return {"codec": codec, "best": best, "candidates": results}
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR per image on the uint8 scale, ``(N,)`` float64, capped at 100 dB for exact images."""
-    diff = x.to(torch.float64) - y.to(torch.float64)
-    mse = diff.reshape(diff.shape[0], -1).square().mean(1)
-    return (10 * torch.log10(255.0**2 / mse.clamp_min(1e-300))).clamp_max(100.0).cpu()

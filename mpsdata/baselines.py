@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _budget
+from ._engine import _contract_torch
 from ._mps import _check_int, _check_number, decompose
+from ._signal import dct2
 from ._typing import SiteDims
 
 __all__ = [
@@ -169,7 +171,7 @@ def ice(
     m = decompose(coeffs, ratio, max_bond=max_bond, site_dims=site_dims, dtype=torch.float64, compute_bound=False)
     if n:  # MPS.cores cannot shape an empty batch
         cores = [core.reshape(n * c, *core.shape[-3:]).to(torch.float32) for core in m.cores]  # one term
-        rec = _transform(m.layout.from_sites(_contract(cores)).to(torch.float64), transform, inverse=True)
+        rec = _transform(m.layout.from_sites(_contract_torch(cores)).to(torch.float64), transform, inverse=True)
     else:
         rec = coeffs
     params = c * _budget.num_params(m.bond_dims, m.site_dims)  # stored slots, the same for every image
@@ -602,19 +604,7 @@ def _transform(x: torch.Tensor, kind: str | None, inverse: bool = False) -> torc
         # Discrete Hartley transform: real, orthogonal, its own inverse.
         f = torch.fft.fft2(x, norm="ortho")
         return f.real - f.imag
-    rows, cols = _dct_matrix(x.shape[-2], x), _dct_matrix(x.shape[-1], x)
-    if inverse:
-        return rows.mT @ x @ cols
-    return rows @ x @ cols.mT
-
-
-def _dct_matrix(size: int, like: torch.Tensor) -> torch.Tensor:
-    """Orthonormal DCT-II matrix ``C[k, j] = s_k cos(pi (2 j + 1) k / (2 size))``."""
-    k = torch.arange(size, dtype=torch.float64)[:, None]
-    j = torch.arange(size, dtype=torch.float64)[None]
-    mat = torch.cos(math.pi * (2 * j + 1) * k / (2 * size)) * math.sqrt(2 / size)
-    mat[0] /= math.sqrt(2)
-    return mat.to(like.dtype).to(like.device)
+    return dct2(x, inverse)
 
 
 def _tensorly():
@@ -673,15 +663,6 @@ def _area_matrix(small: int, size: int, device: torch.device) -> torch.Tensor:
     lo = torch.maximum(edges[:-1, None], pixels[None, :-1])
     hi = torch.minimum(edges[1:, None], pixels[None, 1:])
     return ((hi - lo).clamp_min(0) / (size / small)).to(device)
-
-
-def _contract(cores: list[torch.Tensor]) -> torch.Tensor:
-    """``(B, d_{k-1}, j_k, d_k)`` cores -> ``(B, prod j)`` values in site order."""
-    state = cores[0][:, 0]  # (B, j_1, d_1)
-    for core in cores[1:]:
-        b, d_in, j, d_out = core.shape
-        state = (state @ core.reshape(b, d_in, j * d_out)).reshape(b, state.shape[1] * j, d_out)
-    return state[..., 0]
 
 
 def _small_size(h: int, w: int, ratio: float) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpsdata import _shared as S
+from mpsdata._signal import dct_matrix, psnr
 
 
 def _smooth_images(n: int, size: int = 16, channels: int = 1, seed: int = 0) -> torch.Tensor:
@@ -78,7 +79,7 @@ def test_code_length_follows_the_model() -> None:
 # -- transforms -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [1, 4, 7, 28])
 def test_dct_matrix_is_orthonormal(size: int) -> None:
-    c = S.dct_matrix(size)
+    c = dct_matrix(size)
     assert torch.allclose(c @ c.T, torch.eye(size, dtype=torch.float64), atol=1e-12)
 
 
@@ -124,7 +125,7 @@ def test_finer_step_costs_bytes_and_buys_psnr() -> None:
     for step in (2.0, 6.0, 18.0):
         codec = S.fit_shared(fit, step=step, transform="dct", block=8)
         rec, nbytes = codec.roundtrip(test)
-        results.append((float(nbytes.mean()), float(S.psnr(rec, test).mean())))
+        results.append((float(nbytes.mean()), float(psnr(rec, test).mean())))
     assert results[0][0] > results[1][0] > results[2][0]
     assert results[0][1] > results[1][1] > results[2][1]
 
@@ -153,7 +154,7 @@ def test_rdoq_trades_error_for_bytes() -> None:
     rdoq = S.fit_shared(x, step=4.0, transform="dct", block=8, rdoq=0.2)
     (rec0, b0), (rec1, b1) = plain.roundtrip(x), rdoq.roundtrip(x)
     assert b1.mean() < b0.mean()
-    assert float(S.psnr(rec1, x).mean()) < float(S.psnr(rec0, x).mean())
+    assert float(psnr(rec1, x).mean()) < float(psnr(rec0, x).mean())
 
 
 def test_state_roundtrip_decodes_identically() -> None:
@@ -216,9 +217,9 @@ def test_beats_webp_at_equal_bytes_on_fashion(fashion_images: torch.Tensor) -> N
     fit, test = fashion_images[:384], fashion_images[384:512]
     codec = S.fit_shared(fit, 0.25, transform="dct", block=4, rdoq=0.1)
     rec, nbytes = codec.roundtrip(test)
-    ours = float(S.psnr(rec, test[:, None]).mean())
+    ours = float(psnr(rec, test[:, None]).mean())
     webp = baselines.webp(test, bytes_ratio=0.25)
-    theirs = float(S.psnr(webp.images, test).mean())
+    theirs = float(psnr(webp.images, test).mean())
     assert nbytes.mean() <= 0.26 * 784  # fitted on other images: the budget holds to within a few percent
     assert ours > theirs + 1.0
 
@@ -231,6 +232,4 @@ def test_cuda_images_decode_like_cpu() -> None:
     assert abs(int(enc_gpu.nbytes.sum()) - int(enc_cpu.nbytes.sum())) <= 0.01 * int(enc_cpu.nbytes.sum())
     out = codec.decode(enc_gpu, device="cuda")
     assert out.device.type == "cuda"
-    assert math.isclose(
-        float(S.psnr(out, x.cuda()).mean()), float(S.psnr(codec.decode(enc_cpu), x).mean()), abs_tol=0.05
-    )
+    assert math.isclose(float(psnr(out, x.cuda()).mean()), float(psnr(codec.decode(enc_cpu), x).mean()), abs_tol=0.05)
