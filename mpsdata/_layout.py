@@ -79,13 +79,21 @@ class Layout:
         """Trailing dims of the input that belong to one MPS: 2 (``H, W``) or 3 (``C, H, W``)."""
         return 3 if self.channel_site else 2
 
+    @property
+    def spatial_sites(self) -> list:
+        """The pixel sites, the channel site left out: the ``site_dims`` that rebuild this layout.
+
+        Example:
+            >>> make_layout(28, 28, 3, [4, 7, 28], "site").spatial_sites
+            [4, 7, 28]
+        """
+        if self.rows is None:
+            return list(self.site_dims[:-1] if self.channels > 1 else self.site_dims)
+        return list(zip(self.rows, self.cols or (), strict=False))
+
     def describe(self) -> str:
         """Short human-readable description, e.g. ``hierarchical [(7, 7), (2, 2), (2, 2)]``."""
-        if self.rows is None:
-            sites: list = list(self.site_dims[:-1] if self.channels > 1 else self.site_dims)
-        else:
-            sites = list(zip(self.rows, self.cols or (), strict=False))
-        text = f"{self.kind} {sites}"
+        text = f"{self.kind} {self.spatial_sites}"
         if self.channels > 1:
             text += f" + channel site {self.channels}"
         if (self.padded_height, self.padded_width) != (self.height, self.width):

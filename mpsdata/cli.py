@@ -254,9 +254,7 @@ def _show(args: argparse.Namespace) -> int:
     stored = cores.decode(np.arange(count)).numpy()  # (n, C, H, W)
     originals = _originals(cores, args.root, count) if args.root is not None else None
     layout = cores.geometry.layout
-    site_dims = [tuple(p) for p in zip(layout.rows, layout.cols)] if layout.rows else list(layout.site_dims)
-    if layout.channel_site and layout.channels > 1 and layout.rows is None:  # one channel adds no site
-        site_dims = site_dims[:-1]
+    site_dims = layout.spatial_sites
     mode = "site" if layout.channel_site else "separate"
     import torch
 
