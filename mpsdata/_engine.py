@@ -179,9 +179,10 @@ def decode(
 
 
 def _decode_matrix(cores, scatter, site_dims, bonds, quantize) -> torch.Tensor:
-    """Two sites are one matrix product per image: batched BLAS beats the lane kernel there (0.48 against
-    0.95 us per 28x28 rank-5 image, docs/benchmarks.md). Same accumulation dtype as the kernel and the same
-    rounding (in float64), so the images equal the kernel's and the single-image kernel's."""
+    """Two sites are one matrix product per image: batched BLAS beats the lane kernel there (0.63 against
+    1.05 us per 28x28 rank-5 image, core gather included: benchmarks/core_file.py). Same accumulation dtype
+    as the kernel and the same rounding (in float64), so the images equal the kernel's and the single-image
+    kernel's."""
     B, terms, _ = cores.shape
     if cores.dtype not in (torch.float32, torch.float64):
         cores = cores.float()
