@@ -7,8 +7,15 @@
    (``_engine._decode_matrix``) against the lane kernel (``_engine._decode_numba``), batches of 256 random
    indices (the cores gathered per batch, as ``decode_batch`` does), interleaved repeats, minimum per image; and
    whether every uint8 image of the set is identical.
+3. int8 against int4 core files at byte budgets: ``MPSFashionMNIST(train=False, bytes_ratio=b, core_dtype=...)``
+   (10,000 test images, default layout and gzip) at ``b`` in ``--budgets``: bonds, the file's real bytes over the
+   raw uint8 bytes and the mean PSNR of its stored per-image MSE (what ``mpsdata info`` prints).
+4. The same choice on colour photos: the 307 RGB 32x32 patches of ``rate_distortion.py``'s p32 set, encoded with
+   the datasets' defaults (``channel_mode="site"``, default layout) by ``decompose(..., core_dtype=...)``, whose
+   int4 images a core file reproduces exactly (tests/test_archive.py) and int8 images within one level.
 
 Run: python benchmarks/core_file.py --fashion /work/shared/datasets/fashion-mnist
+(``--parts files,photos`` for parts 3 and 4 alone; ``--parts gzip,decode`` for parts 1 and 2.)
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +34,10 @@ import torch
 
 import mpsdata
 from mpsdata import _engine
+from mpsdata._signal import psnr
+from mpsdata.cli import _summary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def gzip_levels(path: Path, out_dir: Path) -> None:
@@ -74,10 +86,39 @@ def two_site_decode(ds, repeats: int) -> None:
     print(f"- uint8 values that differ over all {len(ds):,} images: {differ}")
 
 
+def byte_budget_files(root: Path, budgets: list[float]) -> None:
+    print("\n| options | cores | bonds | file bytes ratio | PSNR (dB) |")
+    print("|---|---|---|---|---|")
+    for budget in budgets:
+        for core_dtype in ("int8", "int4"):
+            ds = mpsdata.MPSFashionMNIST(root, train=False, bytes_ratio=budget, core_dtype=core_dtype)
+            info = _summary(ds.archive)
+            options = f'`bytes_ratio={budget}, core_dtype="{core_dtype}"` (gzip)'
+            print(f"| {options} | {core_dtype} | {tuple(info['bond_dims'])} | {info['bytes_ratio']:.3f} | "
+                  f"{info['psnr_db']:.2f} |")  # fmt: skip
+
+
+def photo_budgets(budgets: list[float]) -> None:
+    from rate_distortion import photo_patches, skimage_photos
+
+    x, _ = photo_patches(skimage_photos(), 32, (64, 96, 128))
+    print(f"\n{x.shape[0]} RGB 32x32 photo patches, channel_mode='site', default layout:")
+    print("| bytes_ratio | int8 bonds | int8 PSNR (dB) | int4 bonds | int4 PSNR (dB) |")
+    print("|---|---|---|---|---|")
+    for budget in budgets:
+        cells = []
+        for core_dtype in ("int8", "int4"):
+            m = mpsdata.decompose(x, bytes_ratio=budget, core_dtype=core_dtype, channel_mode="site")
+            cells += [str(m.bond_dims), f"{float(psnr(m.reconstruct(torch.uint8), x).mean()):.2f}"]
+        print(f"| {budget} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fashion", type=Path, default=os.environ.get("MPSDATA_FASHION_MNIST"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--parts", default="gzip,decode,files,photos", help="comma list of gzip, decode, files, photos")
+    parser.add_argument("--budgets", default="0.1,0.2,0.3", help="bytes ratios of the files part")
     args = parser.parse_args()
     if args.fashion is None:
         parser.error("give --fashion DIR (the Fashion-MNIST idx files) or set MPSDATA_FASHION_MNIST")
@@ -87,9 +128,17 @@ def main() -> None:
         raw.mkdir(parents=True)
         for name in args.fashion.glob("*-ubyte.gz"):
             shutil.copy(name, raw / name.name)
-        ds = mpsdata.MPSFashionMNIST(work, train=True, ratio=0.4)
-        gzip_levels(ds.archive, work)
-        two_site_decode(ds, args.repeats)
+        parts = set(args.parts.split(","))
+        if parts & {"gzip", "decode"}:
+            ds = mpsdata.MPSFashionMNIST(work, train=True, ratio=0.4)
+            if "gzip" in parts:
+                gzip_levels(ds.archive, work)
+            if "decode" in parts:
+                two_site_decode(ds, args.repeats)
+        if "files" in parts:
+            byte_budget_files(work, [float(b) for b in args.budgets.split(",")])
+        if "photos" in parts:
+            photo_budgets([float(b) for b in args.budgets.split(",")])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,13 +1,15 @@
 """MPS core files: HDF5 written atomically in batches, read lazily per process (format in docs/format.md).
 
-Layout of a core file (format version 1; version 2 when the cores are int8)::
+Layout of a core file (format version 1; version 2 when the cores are int8, 3 when they are int4)::
 
     /                 attrs: format, format_version, settings (JSON), meta (JSON), layout (JSON), bond_dims,
                       num_samples, image_mode, content_sha256, mpsdata_version
     /cores/site_K     (N, G, d_{K-1}, j_K, d_K) one dataset per core site, chunked along samples
-                      (G = channels * terms with channel_mode="separate", else terms); float16, float32 or int8
-    /scales           (N, G, n - 1) float16, int8 files only: scale of cores 0 .. n-2 (value = code * scale / 127)
-    /norms            (N, G) float32, int8 files only: scale of the last core (it carries the image norm)
+                      (G = channels * terms with channel_mode="separate", else terms); float16, float32 or int8;
+                      int4: uint8 (N, G, d_{K-1}, ceil(j_K / 2), d_K), two codes per byte along j, low nibble first
+    /scales           (N, G, n - 1) float16, int8/int4 files only: scale of cores 0 .. n-2
+                      (value = code * scale / 127 for int8, / 7 for int4)
+    /norms            (N, G) float32, int8/int4 files only: scale of the last core (it carries the image norm)
     /ranks            (N, G, n - 1) int16 bonds each image actually uses
     /mse              (N,) float32 mean squared error of the stored uint8 image against the original
     /targets          (N,) int64
@@ -35,7 +37,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import _engine, _kernels
+from . import _engine, _kernels, _quant
 from ._budget import max_bonds
 from ._errors import MPSDataError
 from ._layout import Layout
@@ -44,6 +46,7 @@ from ._version import __version__ as _version
 
 __all__ = [
     "FORMAT_VERSION",
+    "INT4_FORMAT_VERSION",
     "INT8_FORMAT_VERSION",
     "MAX_FORMAT_VERSION",
     "CoreFile",
@@ -55,15 +58,20 @@ __all__ = [
 FORMAT = "mpsdata-cores"
 FORMAT_VERSION = 1  # files with float cores (filtered or not: h5py decodes gzip and lzf by itself)
 INT8_FORMAT_VERSION = 2  # files with int8 cores: a version-1 reader would read the codes as values
-MAX_FORMAT_VERSION = 2  # the newest version this module reads
-CORE_DTYPES = ("float16", "float32", "int8")
+INT4_FORMAT_VERSION = 3  # files with int4 cores: uint8 bytes of two codes, which a version-2 reader cannot decode
+MAX_FORMAT_VERSION = 3  # the newest version this module reads
+CORE_DTYPES = ("float16", "float32", "int8", "int4")
+#: numpy dtype of the stored cores and the format version a file of each core dtype declares.
+_STORE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8, "int4": np.uint8}
+_FORMAT_VERSIONS = {"float16": FORMAT_VERSION, "float32": FORMAT_VERSION, "int8": INT8_FORMAT_VERSION,
+                    "int4": INT4_FORMAT_VERSION}  # fmt: skip
+_INT4_ZERO = 0x88  # a byte holding two int4 codes 0 (nibble = code + 8): the fill of unused bond slots
 #: HDF5 filters of a core file; "gzip" (with byte shuffle) is the default by measurement (docs/bytes.md):
 #: within 3 % of zstd's bytes on stored cores, and every HDF5 reader decodes it without a plugin.
 COMPRESSIONS = ("gzip", "lzf", "zstd", "none")
 DEFAULT_COMPRESSION = "gzip"
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks along the sample axis without a filter
 _FILTERED_CHUNK_BYTES = 1 << 16  # 64 KiB with a filter: a random item decompresses one small chunk
-_LEVELS = 127  # int8 codes are -127..127 (mpsdata._quant)
 _HASH_BLOCK = 4096  # samples per block when hashing or verifying
 IN_MEMORY_LIMIT = 2 << 30  # cores up to 2 GiB are loaded whole on first use; larger files are read per item
 
@@ -127,8 +135,9 @@ def write_core_file(
         image_shape: ``(C, H, W)`` of every image.
         image_mode: PIL mode of the items (``"L"`` or ``"RGB"``).
         options: Keyword arguments of :func:`mpsdata.decompose` (budget, layout).
-        core_dtype: Storage of the cores, ``"float16"``, ``"float32"`` or ``"int8"`` (per-core scales in the
-            left-canonical gauge, see :mod:`mpsdata._quant`).
+        core_dtype: Storage of the cores, ``"float16"``, ``"float32"``, ``"int8"`` or ``"int4"`` (per-core
+            scales in the left-canonical gauge; int4 cores come from the quantisation-aware fit, as in
+            :func:`mpsdata.decompose`; see :mod:`mpsdata._quant`).
         settings: Everything the file must match to be reused (stored as JSON, checked on open).
         meta: Source identity and class names (stored as JSON).
         progress: Show a tqdm progress bar.
@@ -148,7 +157,7 @@ def write_core_file(
         with h5py.File(tmp, "w", libver=("v110", "v110"), locking=False, track_order=True) as f:
             _write_batches(f, batches, num_samples, image_shape, options, core_dtype, filters, progress)
             f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = INT8_FORMAT_VERSION if core_dtype == "int8" else FORMAT_VERSION
+            f.attrs["format_version"] = _FORMAT_VERSIONS[core_dtype]
             f.attrs["mpsdata_version"] = _version
             f.attrs["image_mode"] = image_mode
             f.attrs["settings"] = json.dumps(settings, sort_keys=True)
@@ -194,7 +203,7 @@ def _load_plugins() -> None:
 def _write_batches(f, batches, num_samples, image_shape, options, core_dtype, filters, progress) -> None:
     from tqdm.auto import tqdm
 
-    store_dtype = np.dtype(core_dtype)
+    store_dtype = np.dtype(_STORE_DTYPES[core_dtype])
 
     channels, height, width = image_shape
     separate = options.get("channel_mode", "separate") == "separate"
@@ -244,13 +253,15 @@ def _create_datasets(f, m, num_samples: int, store_dtype: np.dtype, growable: bo
     groups = _groups(m)
     full = [1, *m.bond_dims, 1]
     limit = [1, *max_bonds(layout.site_dims), 1] if growable else full
-    per_image = sum(limit[k] * j * limit[k + 1] for k, j in enumerate(layout.site_dims)) * groups
+    int4 = store_dtype == np.uint8
+    stored_sites = [(j + 1) // 2 if int4 else j for j in layout.site_dims]  # int4: two codes per byte along j
+    per_image = sum(limit[k] * j * limit[k + 1] for k, j in enumerate(stored_sites)) * groups
     chunk_bytes = _FILTERED_CHUNK_BYTES if filters else _CHUNK_BYTES
     target = max(1, min(num_samples, chunk_bytes // max(1, per_image * store_dtype.itemsize)))
     chunk = math.ceil(num_samples / math.ceil(num_samples / target))  # equal chunks: the last is not mostly empty
     grp = f.create_group("cores", track_order=True)
     datasets = []
-    for k, j in enumerate(layout.site_dims):
+    for k, j in enumerate(stored_sites):
         datasets.append(
             grp.create_dataset(
                 f"site_{k}",
@@ -258,14 +269,14 @@ def _create_datasets(f, m, num_samples: int, store_dtype: np.dtype, growable: bo
                 maxshape=(num_samples, groups, limit[k], j, limit[k + 1]),
                 dtype=store_dtype,
                 chunks=(chunk, groups, limit[k], j, limit[k + 1]),
-                fillvalue=0,
+                fillvalue=_INT4_ZERO if int4 else 0,
                 track_times=False,
                 **filters,
             )
         )
     n_bonds = len(layout.site_dims) - 1
     small = {"chunks": (chunk, groups), **filters} if filters else {}
-    if store_dtype == np.int8:
+    if store_dtype.kind in "iu":  # integer codes: int8, or int4 packed in uint8
         f.create_dataset("scales", shape=(num_samples, groups, n_bonds), dtype=np.float16, track_times=False,
                          **({**small, "chunks": (chunk, groups, n_bonds)} if filters else {}))  # fmt: skip
         f.create_dataset("norms", shape=(num_samples, groups), dtype=np.float32, track_times=False, **small)
@@ -283,9 +294,12 @@ def _store_batch(f, datasets: list[h5py.Dataset], m, start: int, store_dtype: np
     groups = _groups(m)
     n = m.ranks.shape[0]
     stored = []
-    if store_dtype == np.int8:
+    int4 = store_dtype == np.uint8
+    if store_dtype.kind in "iu":
         q = m._quantized
         codes = q.values.cpu().reshape(n, groups, -1)
+        if int4:  # decompose packs a whole term; the file packs each core along its site axis
+            codes = _quant._unpack_int4(codes, int(_engine.core_offsets(m.site_dims, m.bond_dims)[-1]))
         cores = _engine.unpack(codes, m.site_dims, m.bond_dims)
         scales = q.scales.cpu().reshape(n, groups, -1).numpy()
         f["scales"][start : start + n] = scales[..., :-1].astype(np.float16)
@@ -293,7 +307,10 @@ def _store_batch(f, datasets: list[h5py.Dataset], m, start: int, store_dtype: np
     else:
         cores = m.cores
     for ds, core in zip(datasets, cores):
-        block = core.reshape(n, groups, *core.shape[-3:]).numpy().astype(store_dtype)
+        block = core.reshape(n, groups, *core.shape[-3:])
+        if int4:
+            block = _quant._pack_int4(block.movedim(3, -1)).movedim(-1, 3)
+        block = block.numpy().astype(store_dtype)
         left, right = max(ds.shape[2], block.shape[2]), max(ds.shape[4], block.shape[4])
         if (left, right) != (ds.shape[2], ds.shape[4]):
             ds.resize((ds.shape[0], groups, left, ds.shape[3], right))
@@ -303,19 +320,26 @@ def _store_batch(f, datasets: list[h5py.Dataset], m, start: int, store_dtype: np
     return stored
 
 
-def _dequantize(parts: list[np.ndarray], scales: np.ndarray | None, norms: np.ndarray | None) -> np.ndarray:
-    """Float32 packed cores ``(n, G, P)`` from stored per-site arrays ``(n, G, ...)`` (and int8 scales).
+def _dequantize(
+    parts: list[np.ndarray], scales: np.ndarray | None, norms: np.ndarray | None, site_dims: tuple[int, ...]
+) -> np.ndarray:
+    """Float32 packed cores ``(n, G, P)`` from stored per-site arrays ``(n, G, d, j, d')`` (and integer scales).
 
+    int4 sites are uint8 ``(n, G, d, ceil(j / 2), d')``; ``site_dims`` drops the padding nibble of an odd ``j``.
     The writer checks its images through this same function, so the stored ``mse`` is what readers decode.
     """
     n, groups = parts[0].shape[:2]
     if scales is None:
         return np.concatenate([p.reshape(n, groups, -1) for p in parts], axis=2).astype(np.float32)
     assert norms is not None
+    int4 = parts[0].dtype == np.uint8
+    levels = _quant._LEVELS["int4" if int4 else "int8"]
     out = []
     for k, p in enumerate(parts):
+        if int4:
+            p = _quant._unpack_int4(torch.from_numpy(p).movedim(3, -1), site_dims[k]).movedim(-1, 3).numpy()
         scale = scales[:, :, k] if k < len(parts) - 1 else norms
-        step = scale.astype(np.float32) / np.float32(_LEVELS)
+        step = scale.astype(np.float32) / np.float32(levels)
         out.append(p.reshape(n, groups, -1).astype(np.float32) * step[..., None])
     return np.concatenate(out, axis=2)
 
@@ -324,9 +348,9 @@ def _decode_stored(stored: list[np.ndarray], m, n: int, f=None, start: int = 0) 
     """uint8 images ``(n, C, H, W)`` exactly as a reader will decode the stored cores."""
     groups = stored[0].shape[1]
     scales = norms = None
-    if stored[0].dtype == np.int8:
+    if stored[0].dtype.kind in "iu":
         scales, norms = f["scales"][start : start + n], f["norms"][start : start + n]
-    packed = _dequantize(stored, scales, norms)
+    packed = _dequantize(stored, scales, norms, m.site_dims)
     layout = m.layout
     terms = m.terms
     flat = torch.from_numpy(packed).reshape(n * groups // terms, terms, -1)
@@ -543,25 +567,28 @@ class CoreFile:
         num_samples = int(f["targets"].shape[0])
         groups = int(sites[0].shape[1])
         bonds = tuple(int(ds.shape[4]) for ds in sites[:-1])
+        int4 = sites[0].dtype == np.uint8  # two codes per byte along the site axis
         for k, ds in enumerate(sites):
             full = [1, *bonds, 1]
-            expected = (num_samples, groups, full[k], layout.site_dims[k], full[k + 1])
+            j = layout.site_dims[k]
+            expected = (num_samples, groups, full[k], (j + 1) // 2 if int4 else j, full[k + 1])
             if tuple(ds.shape) != expected:
                 raise MPSDataError(f"core file {self.path}: site {k} has shape {ds.shape}, expected {expected}")
         # Read whole and checksummed: a flipped byte in the labels must not train a model silently.
         self.targets = torch.from_numpy(_checked(f, "targets"))
         self.ranks = torch.from_numpy(_checked(f, "ranks").astype(np.int64))
         self.mse = torch.from_numpy(_checked(f, "mse"))
-        self.core_dtype = str(sites[0].dtype)
+        self.core_dtype = "int4" if int4 else str(sites[0].dtype)
         if self.core_dtype not in CORE_DTYPES:
             raise MPSDataError(f"core file {self.path}: cores of dtype {self.core_dtype}, expected {CORE_DTYPES}")
-        self._int8 = self.core_dtype == "int8"
-        if self._int8 != (version >= 2 and "scales" in f):
+        self._integer = self.core_dtype in ("int8", "int4")
+        if self._integer != ("scales" in f) or version < _FORMAT_VERSIONS[self.core_dtype]:
             raise MPSDataError(
-                f"core file {self.path}: int8 cores need format version 2 with /scales and /norms; got version "
-                f"{version} with cores of dtype {self.core_dtype}"
+                f"core file {self.path}: int8 cores need format version 2 with /scales and /norms, int4 cores "
+                f"(uint8) version 3 with them, float cores neither; got version {version} with cores of dtype "
+                f"{sites[0].dtype}"
             )
-        if self._int8:
+        if self._integer:
             n_bonds = len(layout.site_dims) - 1
             for name, shape in {"scales": (num_samples, groups, n_bonds), "norms": (num_samples, groups)}.items():
                 if name not in f or tuple(f[name].shape) != shape:
@@ -622,10 +649,9 @@ class CoreFile:
             names = _dataset_names(f)[: len(self.geometry.layout.site_dims)]
             parts = []
             for name in names:
-                data = _checked(f, name)
-                parts.append(data.reshape(self.num_samples, self.geometry.groups, -1))
-            scales = (_checked(f, "scales"), _checked(f, "norms")) if self._int8 else (None, None)
-            self._memory = _dequantize(parts, *scales)
+                parts.append(_checked(f, name))  # (N, G, d, j, d'), as stored: int4 unpacks along j
+            scales = (_checked(f, "scales"), _checked(f, "norms")) if self._integer else (None, None)
+            self._memory = _dequantize(parts, *scales, self.geometry.layout.site_dims)
             self._single_memory = None
         return self._memory
 
@@ -650,9 +676,9 @@ class CoreFile:
         order = np.argsort(indices)
         sorted_idx = np.asarray(indices)[order]
         unique, inverse = np.unique(sorted_idx, return_inverse=True)
-        parts = [_read(f, name, unique).reshape(len(unique), self.geometry.groups, -1) for name in names]
-        scales = (_read(f, "scales", unique), _read(f, "norms", unique)) if self._int8 else (None, None)
-        packed = _dequantize(parts, *scales)[inverse]
+        parts = [_read(f, name, unique) for name in names]
+        scales = (_read(f, "scales", unique), _read(f, "norms", unique)) if self._integer else (None, None)
+        packed = _dequantize(parts, *scales, self.geometry.layout.site_dims)[inverse]
         out = np.empty_like(packed)
         out[order] = packed
         return out

@@ -396,7 +396,7 @@ def test_int8_file_round_trips(tmp_path: Path) -> None:
     assert np.array_equal(cores.decode_one(7), decoded[7].numpy())
     assert cores.verify()["images"] == 40
     with h5py.File(path, "r", locking=False) as f:
-        assert f.attrs["format_version"] == MAX_FORMAT_VERSION == 2  # int8 cores: version 2
+        assert f.attrs["format_version"] == _archive.INT8_FORMAT_VERSION == 2  # int8 cores: version 2
         assert all(f[name].compression == "gzip" and f[name].shuffle for name in ("cores/site_0", "scales", "norms"))
     assert _write_int8(tmp_path / "b.h5", images, np.arange(40) % 10).read_bytes() == path.read_bytes()
 
@@ -414,3 +414,92 @@ def test_bad_compression_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="compression must be one of"):
         _write_int8(tmp_path / "a.h5", images, np.zeros(4, np.int64), compression="bz2")
     assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# int4 cores (format version 3)
+def _write_int4(path: Path, images: np.ndarray, targets: np.ndarray, **options) -> Path:
+    opts = {**OPTIONS, "ratio": None, "bytes_ratio": 0.2, **options}
+    return write_core_file(
+        path, iterate_batches(images, targets, 16), num_samples=len(images), image_shape=(1, *images.shape[1:]),
+        image_mode="L", options=opts, core_dtype="int4", settings=opts,
+        meta={"classes": [str(c) for c in range(10)]}, progress=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"site_dims": "hierarchical"}, {"residual": 1, "bytes_ratio": 0.4}],
+    ids=["default", "hierarchical-odd-site", "residual"],
+)
+def test_int4_file_round_trips(tmp_path: Path, options: dict) -> None:
+    images = fake_images(40, 28, 28, seed=5)
+    path = _write_int4(tmp_path / "a.h5", images, np.arange(40) % 10, **options)
+    cores = CoreFile(path)
+    budget = {k: v for k, v in options.items() if k != "site_dims"}
+    budget.setdefault("bytes_ratio", 0.2)
+    m = mpsdata.decompose(torch.from_numpy(images), core_dtype="int4", site_dims=options.get("site_dims"), **budget)
+    assert cores.core_dtype == "int4" and cores.format_version == 3 and cores.geometry.bond_dims == m.bond_dims
+    # the file holds decompose's int4 codes and scales (quantisation-aware fit): identical images
+    decoded = cores.decode(np.arange(40))[:, 0]
+    assert torch.equal(decoded, m.reconstruct(torch.uint8))
+    assert all(np.array_equal(cores.decode_one(i), decoded[i].numpy()) for i in range(40))
+    # the stored /mse is the error of what a reader decodes
+    expected_mse = (decoded.double() - torch.from_numpy(images).double()).square().flatten(1).mean(1)
+    torch.testing.assert_close(cores.mse.double(), expected_mse, rtol=1e-6, atol=1e-4)
+    assert cores.verify()["images"] == 40
+    with h5py.File(path, "r", locking=False) as f:
+        assert f.attrs["format_version"] == MAX_FORMAT_VERSION == 3
+        sites = [f[f"cores/site_{k}"] for k in range(len(m.site_dims))]
+        assert all(ds.dtype == np.uint8 and ds.compression == "gzip" for ds in sites)
+        # two codes per byte along the site axis: an odd site (49 in the hierarchical layout) keeps a pad nibble
+        assert [ds.shape[3] for ds in sites] == [(j + 1) // 2 for j in m.site_dims]
+        assert f["scales"].dtype == np.float16 and f["norms"].dtype == np.float32
+        stored = sum(ds[0].nbytes for ds in sites) + f["scales"][0].nbytes + f["norms"][0].nbytes
+    padding = sum(d * (j % 2) * e for d, j, e in zip([1, *m.bond_dims], m.site_dims, [*m.bond_dims, 1])) * m.terms
+    assert 2 * stored == 2 * int(m.nbytes[0]) + padding  # MPS.nbytes plus the pad nibbles of odd sites
+    assert _write_int4(tmp_path / "b.h5", images, np.arange(40) % 10, **options).read_bytes() == path.read_bytes()
+
+
+def test_int4_odd_sites_pack_every_nibble(tmp_path: Path) -> None:
+    """Site dims 5 x 7 (odd, and an odd parameter count per core): unpacking drops exactly the pad nibble."""
+    images = fake_images(12, 5, 7, seed=2)
+    path = _write_int4(tmp_path / "a.h5", images, np.zeros(12, np.int64), bytes_ratio=None, bond_dims=[3])
+    m = mpsdata.decompose(torch.from_numpy(images), bond_dims=[3], core_dtype="int4")
+    assert m.site_dims == (5, 7) and all(p % 2 for p in (5 * 3, 3 * 7))  # 15 and 21 codes per core
+    cores = CoreFile(path)
+    torch.testing.assert_close(
+        torch.from_numpy(cores.load()), m._quantized.dequantize().reshape(12, 1, -1), rtol=0, atol=0
+    )
+    assert torch.equal(cores.decode(np.arange(12))[:, 0], m.reconstruct(torch.uint8))
+    with h5py.File(path, "r", locking=False) as f:
+        assert f["cores/site_0"].shape == (12, 1, 1, 3, 3) and f["cores/site_1"].shape == (12, 1, 3, 4, 1)
+        assert np.all(f["cores/site_1"][:, :, :, 3] >> 4 == 8)  # the pad nibble of j = 7 holds code 0
+
+
+def test_int4_file_with_tolerance_grows_bonds(tmp_path: Path) -> None:
+    """Under a tolerance the bond axes grow while writing; new slots are filled with code 0 (byte 0x88)."""
+    images = np.concatenate([np.full((16, 28, 28), 90, np.uint8), fake_images(16, 28, 28, seed=9)])
+    path = _write_int4(tmp_path / "a.h5", images, np.zeros(32, np.int64), bytes_ratio=None, tol=0.1)
+    cores = CoreFile(path)
+    flat_batch = mpsdata.decompose(torch.from_numpy(images[:16]), tol=0.1, core_dtype="int4")
+    rich_batch = mpsdata.decompose(torch.from_numpy(images[16:]), tol=0.1, core_dtype="int4")
+    assert flat_batch.bond_dims < rich_batch.bond_dims == cores.geometry.bond_dims
+    expected = torch.cat([flat_batch.reconstruct(torch.uint8), rich_batch.reconstruct(torch.uint8)])
+    assert torch.equal(cores.decode(np.arange(32))[:, 0], expected)
+
+
+def test_int4_file_is_refused_by_a_version_2_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write_int4(tmp_path / "a.h5", fake_images(8, 28, 28), np.zeros(8, np.int64))
+    monkeypatch.setattr(_archive, "MAX_FORMAT_VERSION", 2)  # what a reader from before int4 files checks
+    with pytest.raises(mpsdata.MPSDataError, match="format version 3, newer than this mpsdata reads.*upgrade"):
+        CoreFile(path)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_int4_cores_in_an_older_version_file_are_refused(tmp_path: Path, version: int) -> None:
+    path = _write_int4(tmp_path / "a.h5", fake_images(8, 28, 28), np.zeros(8, np.int64))
+    with h5py.File(path, "r+", locking=False) as f:
+        f.attrs["format_version"] = version
+    with pytest.raises(mpsdata.MPSDataError, match="int4 cores \\(uint8\\) version 3"):
+        CoreFile(path)
