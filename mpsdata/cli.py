@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = build.add_argument_group("budget (default: --ratio 0.4)")
     budget.add_argument("--ratio", type=float, help="the paper's compression ratio in (0, 1]")
     budget.add_argument(
-        "--bytes-ratio", type=float, help="byte budget: core bytes per image over raw uint8 bytes (int8 cores)"
+        "--bytes-ratio",
+        type=float,
+        help="byte budget: core bytes per image over raw uint8 bytes (int8 cores unless --core-dtype)",
     )
     budget.add_argument("--bond-dims", type=_int_list, help="explicit bond dimensions, e.g. 2,6,5,2")
     budget.add_argument("--max-bond", type=int, help="cap on every bond")
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--site-dims", type=_site_dims, help="'row', 'hierarchical' or sizes like 2,4,7,7,2")
     build.add_argument("--channel-mode", choices=("site", "separate"), default="site")
     build.add_argument(
-        "--core-dtype", choices=CORE_DTYPES, help="storage of the cores (default: float16; int8 with --bytes-ratio)"
+        "--core-dtype",
+        choices=CORE_DTYPES,
+        help="storage of the cores (default: float16; int8 with --bytes-ratio; int4 packs two codes per byte)",
     )
     build.add_argument(
         "--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION, help="HDF5 filter of the core file"

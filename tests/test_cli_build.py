@@ -143,9 +143,32 @@ def test_build_with_a_byte_budget(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert mpsdata.MPSMNIST(root, bytes_ratio=0.3, compression="lzf").archive == path
     status, out, _ = _run(capsys, "info", path, "--json")
     info = json.loads(out)
-    assert status == 0 and info["format_version"] == MAX_FORMAT_VERSION == 2 and info["core_dtype"] == "int8"
+    assert status == 0 and info["format_version"] == 2 and info["core_dtype"] == "int8"
     status, _, err = _run(capsys, "show", path, "--out", tmp_path / "grid.png", "--root", root)
     assert status == 0, err
+
+
+def test_build_int4_cores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--core-dtype int4`` stores int4 cores (format version 3); info, verify and show read the file."""
+    write_mnist(tmp_path / "raw")
+    root = tmp_path / "data"
+    argv = ["build", "mnist", "--root", root, "--raw", tmp_path / "raw", "--bytes-ratio", "0.2", "--core-dtype", "int4"]
+    status, _, err = _run(capsys, *argv)
+    assert status == 0, err
+    (path,) = (root / "MNIST" / "mps").glob("*.h5")
+    ds = mpsdata.MPSMNIST(root, bytes_ratio=0.2, core_dtype="int4")
+    assert ds.archive == path and ds._cores.core_dtype == "int4"
+    status, out, _ = _run(capsys, "info", path, "--json")
+    info = json.loads(out)
+    assert status == 0 and info["format_version"] == MAX_FORMAT_VERSION == 3 and info["core_dtype"] == "int4"
+    assert info["psnr_db"] == pytest.approx(ds.psnr, abs=1e-9) and info["bytes_ratio"] == pytest.approx(ds.bytes_ratio)
+    assert info["bond_dims"] == list(ds._cores.geometry.bond_dims)
+    status, out, _ = _run(capsys, "info", path)
+    assert status == 0 and "core_dtype: int4" in out
+    status, out, err = _run(capsys, "verify", path)
+    assert status == 0 and out.startswith("OK"), err
+    status, _, err = _run(capsys, "show", path, "--out", tmp_path / "grid.png", "--root", root)
+    assert status == 0 and (tmp_path / "grid.png").stat().st_size > 0, err
 
 
 def test_build_cifar10(tmp_path: Path, no_md5: None, capsys: pytest.CaptureFixture) -> None:

@@ -24,7 +24,8 @@ __all__ = ["MPSVisionDataset", "RawSource", "TrainTestDataset"]
 
 DEFAULT_RATIO = 0.4
 #: Storage precision of the cores under a parameter budget, chosen by measurement (docs/format.md): float16
-#: costs < 0.01 dB. Under a byte budget (``bytes_ratio``) the default is int8 (docs/bytes.md).
+#: costs < 0.01 dB. Under a byte budget (``bytes_ratio``) the default is int8 (docs/bytes.md: int4 beats it on
+#: Fashion-MNIST up to bytes_ratio 0.25 but loses 6.5-14.7 dB on colour photos at every budget, so no budget rule).
 DEFAULT_CORE_DTYPE = "float16"
 _BUILD_BATCH = 2048
 
@@ -52,7 +53,8 @@ class MPSVisionDataset(VisionDataset):
     uint8 image, never exceeded; the file, HDF5 filter applied, is what :attr:`bytes_ratio` then reports).
     ``channel_mode`` defaults to ``"site"`` (colour channels as the last site of one MPS per image: 3 to 6 dB better
     than ``"separate"`` on photos at the same ratio, docs/layouts.md). ``core_dtype`` is the storage of the cores
-    (``"float16"``, ``"float32"`` or ``"int8"``; default float16, or int8 with ``bytes_ratio``); ``compression`` the
+    (``"float16"``, ``"float32"``, ``"int8"`` or ``"int4"``; default float16, or int8 with ``bytes_ratio``: int4
+    wins only on simple grey images at small budgets, docs/bytes.md); ``compression`` the
     HDF5 filter of the core file (``"gzip"``, the default, ``"lzf"``, ``"zstd"`` with hdf5plugin, or ``None``);
     ``archive_dir`` where core files live; ``bias=True`` serves the images with the residual bias stored by
     :func:`mpsdata.distill.save_bias` (and counts it in ``ratio`` and ``bytes_ratio``). With ``download=True`` a
