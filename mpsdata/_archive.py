@@ -647,9 +647,7 @@ class CoreFile:
         if self._memory is None:  # arrays inherited through fork stay valid; only handles do not
             f = self._file()
             names = _dataset_names(f)[: len(self.geometry.layout.site_dims)]
-            parts = []
-            for name in names:
-                parts.append(_checked(f, name))  # (N, G, d, j, d'), as stored: int4 unpacks along j
+            parts = [_checked(f, name) for name in names]  # (N, G, d, j, d') as stored: int4 unpacks along j
             scales = (_checked(f, "scales"), _checked(f, "norms")) if self._integer else (None, None)
             self._memory = _dequantize(parts, *scales, self.geometry.layout.site_dims)
             self._single_memory = None

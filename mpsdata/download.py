@@ -47,7 +47,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._archive import FORMAT_VERSION, CoreFile, _short, check_header, settings_key
+from ._archive import MAX_FORMAT_VERSION, CoreFile, _short, check_header, settings_key
 from ._errors import MPSDataError
 from ._version import __version__
 
@@ -336,7 +336,7 @@ def find_published(
     """
     wanted = _canonical(settings)
     for entry in list_published(manifest, mirrors=mirrors, timeout=timeout):
-        if entry["settings"] == wanted and entry.get("format_version", 1) <= FORMAT_VERSION:
+        if entry["settings"] == wanted and entry.get("format_version", 1) <= MAX_FORMAT_VERSION:
             return entry
     return None
 

@@ -489,6 +489,19 @@ def test_int4_file_with_tolerance_grows_bonds(tmp_path: Path) -> None:
     assert torch.equal(cores.decode(np.arange(32))[:, 0], expected)
 
 
+@pytest.mark.parametrize("options", [{}, {"site_dims": "hierarchical"}], ids=["default", "hierarchical-odd-site"])
+def test_int4_file_read_per_request_equals_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict
+) -> None:
+    """Files above IN_MEMORY_LIMIT read only the requested images (sorted, deduplicated): same images."""
+    path = _write_int4(tmp_path / "a.h5", fake_images(24, 28, 28, seed=4), np.zeros(24, np.int64), **options)
+    picked = np.array([17, 3, 3, 23, 0, 9])
+    in_memory = CoreFile(path).decode(picked)
+    monkeypatch.setattr(_archive, "IN_MEMORY_LIMIT", 0)
+    per_request = CoreFile(path)
+    assert torch.equal(per_request.decode(picked), in_memory) and per_request._memory is None
+
+
 def test_int4_file_is_refused_by_a_version_2_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write_int4(tmp_path / "a.h5", fake_images(8, 28, 28), np.zeros(8, np.int64))
     monkeypatch.setattr(_archive, "MAX_FORMAT_VERSION", 2)  # what a reader from before int4 files checks

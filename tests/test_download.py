@@ -537,6 +537,17 @@ def test_a_mirror_without_manifest_is_a_plain_mirror(server, core, entry, monkey
     assert find_published(core[1], manifest=[entry]) == {**entry, "settings_key": settings_key(core[1])}
 
 
+def test_entries_of_every_readable_format_version_are_found(core, entry, monkeypatch):
+    """int8 (version 2) and int4 (version 3) files are published too; only a newer version is skipped."""
+    from mpsdata._archive import MAX_FORMAT_VERSION
+
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
+    for version in range(1, MAX_FORMAT_VERSION + 1):
+        found = find_published(core[1], manifest=[{**entry, "format_version": version}])
+        assert found is not None and found["format_version"] == version
+    assert find_published(core[1], manifest=[{**entry, "format_version": MAX_FORMAT_VERSION + 1}]) is None
+
+
 def test_a_dataset_opens_the_fetched_file(tmp_path, monkeypatch):
     """The hook's names agree with the datasets': build, publish, delete, fetch, open without rebuilding."""
     import PIL.Image
