@@ -355,6 +355,20 @@ def test_cifar_channel_modes(tmp_path: Path, no_md5: None, channel_mode: str) ->
     assert ds._cores.settings["channel_mode"] == channel_mode
 
 
+@pytest.mark.parametrize("channel_mode", ["separate", "site"])
+def test_cifar_int4_cores(tmp_path: Path, no_md5: None, channel_mode: str) -> None:
+    """Colour int4 files: one MPS per channel or the channel as a site, exactly decompose's int4 images."""
+    splits = write_cifar(tmp_path)
+    ds = mpsdata.MPSCIFAR10(tmp_path, train=False, bytes_ratio=0.2, core_dtype="int4", channel_mode=channel_mode)
+    x = torch.from_numpy(splits["test"].images).permute(0, 3, 1, 2)
+    m = mpsdata.decompose(x, bytes_ratio=0.2, core_dtype="int4", channel_mode=channel_mode)
+    assert ds._cores.core_dtype == "int4" and ds._cores.geometry.bond_dims == m.bond_dims
+    assert torch.equal(ds.decode_batch(np.arange(len(ds))), m.reconstruct(torch.uint8))
+    _assert_mse_honest(ds, x)
+    images, _ = _items(ds)
+    np.testing.assert_array_equal(images, ds.decode_batch(range(len(ds))).permute(0, 2, 3, 1).numpy())
+
+
 def test_cifar_corrupt_raw_data_is_not_built(tmp_path: Path) -> None:
     """Without the patch torchvision's md5 check runs, and refuses the fake pickles."""
     write_cifar(tmp_path)
