@@ -39,7 +39,7 @@ from . import _engine, _kernels
 from ._budget import max_bonds
 from ._errors import MPSDataError
 from ._layout import Layout
-from ._mps import decompose
+from ._mps import COLOURS, DOMAINS, decompose, inverse_transform, to_uint8
 from ._version import __version__ as _version
 
 __all__ = [
@@ -117,6 +117,7 @@ def write_core_file(
     meta: dict[str, Any],
     progress: bool = True,
     compression: str | None = DEFAULT_COMPRESSION,
+    search: dict[str, Any] | None = None,
 ) -> Path:
     """Compress batches of images into a core file, atomically.
 
@@ -134,6 +135,8 @@ def write_core_file(
         progress: Show a tqdm progress bar.
         compression: HDF5 filter of every dataset, one of :data:`COMPRESSIONS` (``None`` is ``"none"``):
             ``"gzip"`` (byte shuffle + gzip level 6), ``"lzf"``, ``"zstd"`` (needs ``hdf5plugin`` to write and read).
+        search: What a ``site_dims="auto"`` search measured (best candidate and all candidates), stored as the JSON
+            attribute ``search``; ``options`` then hold the resolved layout, domain and colour.
 
     Returns:
         The path of the written file.
@@ -154,11 +157,21 @@ def write_core_file(
             f.attrs["settings"] = json.dumps(settings, sort_keys=True)
             f.attrs["meta"] = json.dumps(meta, sort_keys=True)
             f.attrs["content_sha256"] = _hash_datasets(f, write=True)
+            for name, value in transform_attrs(options).items():
+                f.attrs[name] = value
+            if search is not None:
+                f.attrs["search"] = json.dumps(search, sort_keys=True)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def transform_attrs(options: dict[str, Any]) -> dict[str, str]:
+    """Root attributes naming the domain and colour planes the cores hold; none for pixels and RGB (older files)."""
+    domain, colour = options.get("domain") or "pixels", options.get("colour") or "rgb"
+    return {} if (domain, colour) == ("pixels", "rgb") else {"domain": domain, "colour": colour}
 
 
 def filter_options(compression: str | None) -> dict[str, Any]:
@@ -326,13 +339,22 @@ def _decode_stored(stored: list[np.ndarray], m, n: int, f=None, start: int = 0) 
     scales = norms = None
     if stored[0].dtype == np.int8:
         scales, norms = f["scales"][start : start + n], f["norms"][start : start + n]
-    packed = _dequantize(stored, scales, norms)
-    layout = m.layout
-    terms = m.terms
-    flat = torch.from_numpy(packed).reshape(n * groups // terms, terms, -1)
-    images = _engine.decode(flat, layout.scatter_index, layout.site_dims, m.bond_dims, quantize=True)
-    height, width = layout.height, layout.width
-    return images.reshape(n, -1, height, width)
+    packed = torch.from_numpy(_dequantize(stored, scales, norms))
+    return _decode_packed(packed, m.layout, m.bond_dims, groups, m.terms, m.domain, m.colour)
+
+
+def _decode_packed(packed: torch.Tensor, layout: Layout, bonds, groups: int, terms: int, domain: str, colour: str):
+    """uint8 images ``(n, C, H, W)`` from packed float cores ``(n, groups, P)``: the one decode of writer and reader.
+
+    Cores of pixels and RGB round to uint8 inside the contraction; transformed planes (DCT, luma/chroma) are
+    contracted to floats, transformed back (:func:`mpsdata._mps.inverse_transform`), then rounded.
+    """
+    n = packed.shape[0]
+    flat = packed.reshape(n * groups // terms, terms, packed.shape[-1])
+    plain = (domain, colour) == ("pixels", "rgb")
+    images = _engine.decode(flat, layout.scatter_index, layout.site_dims, bonds, quantize=plain)
+    images = images.reshape(n, -1, layout.height, layout.width)
+    return images if plain else to_uint8(inverse_transform(images, domain, colour))
 
 
 def _hash_datasets(f: h5py.File, write: bool) -> str:
@@ -538,6 +560,15 @@ class CoreFile:
         self.meta: dict[str, Any] = json.loads(f.attrs["meta"])
         self.image_mode = str(f.attrs["image_mode"])
         self.content_sha256 = str(f.attrs["content_sha256"])
+        # What the cores hold; files without these attributes (all before them) hold pixels in RGB.
+        self.domain = str(f.attrs.get("domain", "pixels"))
+        self.colour = str(f.attrs.get("colour", "rgb"))
+        if self.domain not in DOMAINS or self.colour not in COLOURS:
+            raise MPSDataError(
+                f"core file {self.path}: domain {self.domain!r} / colour {self.colour!r} unknown to this mpsdata "
+                f"(it reads domains {DOMAINS}, colours {COLOURS}); upgrade mpsdata"
+            )
+        self.search = json.loads(f.attrs["search"]) if "search" in f.attrs else None
         layout = _layout_from_json(json.loads(f.attrs["layout"]))
         sites = [f[name] for name in _dataset_names(f)[: len(layout.site_dims)]]
         num_samples = int(f["targets"].shape[0])
@@ -667,15 +698,14 @@ class CoreFile:
         packed = torch.from_numpy(self.packed(idx))
         if device is not None:
             packed = packed.to(device)
-        n = idx.size
-        flat = packed.reshape(n * g.groups // g.terms, g.terms, packed.shape[-1])
-        images = _engine.decode(flat, g.layout.scatter_index, g.layout.site_dims, g.bond_dims, quantize=True)
-        channels = g.layout.num_values * g.groups // g.terms // (g.layout.height * g.layout.width)
-        return images.reshape(n, channels, g.layout.height, g.layout.width)
+        return _decode_packed(packed, g.layout, g.bond_dims, g.groups, g.terms, self.domain, self.colour)
 
     def decode_one(self, index: int) -> np.ndarray:
         """One uint8 image as ``(H, W)`` or ``(H, W, C)``, the fast path behind ``__getitem__``."""
         g = self.geometry
+        if (self.domain, self.colour) != ("pixels", "rgb"):  # transformed planes: the float decode, then round
+            image = self.decode([index])[0].numpy()
+            return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         memory = self._single_memory if self._single_memory is not None else self._single_cores()
         cores = memory[index].reshape(g.groups // g.terms, g.terms, -1)
         layout = g.layout
