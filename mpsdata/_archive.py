@@ -353,7 +353,8 @@ def _decode_packed(packed: torch.Tensor, layout: Layout, bonds, groups: int, ter
     flat = packed.reshape(n * groups // terms, terms, packed.shape[-1])
     plain = (domain, colour) == ("pixels", "rgb")
     images = _engine.decode(flat, layout.scatter_index, layout.site_dims, bonds, quantize=plain)
-    images = images.reshape(n, -1, layout.height, layout.width)
+    channels = layout.num_values * groups // terms // (layout.height * layout.width)
+    images = images.reshape(n, channels, layout.height, layout.width)
     return images if plain else to_uint8(inverse_transform(images, domain, colour))
 
 

@@ -209,6 +209,8 @@ def _summary(path: Path) -> dict[str, Any]:
         "image_shape": cores.settings["image_shape"],
         "classes": len(cores.meta["classes"]),
         "layout": g.layout.describe(),
+        "domain": cores.domain,
+        "colour": cores.colour,
         "bond_dims": list(g.bond_dims),
         "terms": g.terms,
         "core_dtype": cores.core_dtype,
@@ -227,7 +229,8 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    for key in ("file", "dataset", "split", "images", "image_shape", "classes", "layout", "bond_dims", "terms"):
+    keys = ("file", "dataset", "split", "images", "image_shape", "classes", "layout", "domain", "colour", "bond_dims")
+    for key in (*keys, "terms"):
         print(f"{key:>14}: {summary[key]}")
     print(f"{'core_dtype':>14}: {summary['core_dtype']}")
     print(f"{'ratio':>14}: {summary['ratio']:.4f} (paper: parameters / pixel values)")
