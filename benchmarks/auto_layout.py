@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rate_distortion import photo_patches, skimage_photos  # noqa: E402
+from rate_distortion import photo_patches, skimage_photos
 
-import mpsdata  # noqa: E402
-from mpsdata import _mps  # noqa: E402
-from mpsdata._signal import psnr  # noqa: E402
-from mpsdata.datasets import _base  # noqa: E402
+import mpsdata
+from mpsdata import _mps
+from mpsdata._signal import psnr
+from mpsdata.datasets import _base
 
 BUDGETS = (0.1, 0.2, 0.3, 0.4)
 SHARES = (1 / 3, 0.4, 0.5, 0.6, 0.7, 0.8)

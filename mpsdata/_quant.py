@@ -575,10 +575,10 @@ def reconstruct(q: QuantizedCores, layout, dtype: torch.dtype | None = None) -> 
 # ---------------------------------------------------------------------------------------------------
 # Layout, colour and domain search at a byte budget
 def _candidate_sites(height: int, width: int) -> list:
-    """Site specs worth trying: both families, the plain matrix, and row-major chains of 3 and 4 sites."""
+    """Site specs worth trying: the default, both families, the plain matrix, and row-major chains of 3 and 4 sites."""
     from ._layout import _balanced_sites, _prime_factors
 
-    specs: list = ["hierarchical", "row", [height, width]]
+    specs: list = [None, "hierarchical", "row", [height, width]]  # None: the default layout, first among ties
     factors = _prime_factors(height * width)
     for n in (3, 4):
         if len(factors) >= n:
@@ -676,8 +676,8 @@ def search_layout(
         sample_images: ``(N, H, W)`` or ``(N, C, H, W)`` uint8 images (a few dozen are plenty).
         bytes_ratio: Stored bytes over raw uint8 bytes ``C H W``.
         scheme: One of :data:`SCHEMES`.
-        site_dims: Candidate site specs (as ``decompose``'s ``site_dims``); default both families, the plain
-            ``[H, W]`` matrix and row-major chains of 3 and 4 balanced sites.
+        site_dims: Candidate site specs (as ``decompose``'s ``site_dims``); default the default layout (``None``),
+            both families, the plain ``[H, W]`` matrix and row-major chains of 3 and 4 balanced sites.
         colours: For colour images, among ``"rgb"``, ``"rgb-site"`` and ``"ycc"`` (see :func:`apply_layout`);
             default all three.
         luma_shares: Fractions of the byte budget tried for luma with ``"ycc"``.
@@ -723,24 +723,24 @@ def search_layout(
     results = []
     seen: set = set()
     for spec in specs:
-        try:
-            layout = make_layout(h, w, 1, spec)
-        except (TypeError, ValueError):
-            continue
-        resolved = layout.site_dims
-        if resolved in seen:
-            continue
-        seen.add(resolved)
-        matrix = layout.kind == "row" and resolved == (h, w)  # the DCT is a local unitary there: skip it
-        for domain in [d for d in domains if not (matrix and d == "dct" and "pixels" in domains)]:
-            for colour, share in colour_options:
+        for colour, share in colour_options:
+            mode = "site" if colour == "rgb-site" else "separate"
+            try:
+                layout = make_layout(h, w, c if mode == "site" else 1, spec, mode)
+            except (TypeError, ValueError):
+                continue
+            if (layout, colour, share) in seen:  # two specs naming one layout
+                continue
+            seen.add((layout, colour, share))
+            matrix = layout.kind == "row" and tuple(layout.spatial_sites) == (h, w)  # the DCT is a local unitary
+            for domain in [d for d in domains if not (matrix and d == "dct" and "pixels" in domains)]:
                 try:
                     rec, nbytes, bonds_all = apply_layout(x, bytes_ratio, scheme, site_dims=spec, colour=colour,
                                                           luma_share=share, domain=domain)  # fmt: skip
                 except ValueError:
                     continue  # this layout cannot meet the budget
                 results.append({
-                    "site_dims": spec, "layout": resolved, "colour": colour if c == 3 else "gray",
+                    "site_dims": spec, "layout": layout.site_dims, "colour": colour if c == 3 else "gray",
                     "luma_share": share, "domain": domain, "bond_dims": bonds_all,
                     "bytes_ratio": nbytes / (c * h * w), "psnr": float(psnr(rec, x).mean()),
                 })  # fmt: skip
