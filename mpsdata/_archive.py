@@ -1,9 +1,11 @@
 """MPS core files: HDF5 written atomically in batches, read lazily per process (format in docs/format.md).
 
-Layout of a core file (format version 1; version 2 when the cores are int8)::
+Layout of a core file (format version 1; version 2 when the cores are int8; 3 when they hold DCT or luma/chroma
+planes)::
 
     /                 attrs: format, format_version, settings (JSON), meta (JSON), layout (JSON), bond_dims,
-                      num_samples, image_mode, content_sha256, mpsdata_version
+                      num_samples, image_mode, content_sha256, mpsdata_version; optional domain, colour,
+                      search (JSON)
     /cores/site_K     (N, G, d_{K-1}, j_K, d_K) one dataset per core site, chunked along samples
                       (G = channels * terms with channel_mode="separate", else terms); float16, float32 or int8
     /scales           (N, G, n - 1) float16, int8 files only: scale of cores 0 .. n-2 (value = code * scale / 127)
@@ -46,6 +48,7 @@ __all__ = [
     "FORMAT_VERSION",
     "INT8_FORMAT_VERSION",
     "MAX_FORMAT_VERSION",
+    "TRANSFORM_FORMAT_VERSION",
     "CoreFile",
     "check_header",
     "write_core_file",
@@ -55,7 +58,10 @@ __all__ = [
 FORMAT = "mpsdata-cores"
 FORMAT_VERSION = 1  # files with float cores (filtered or not: h5py decodes gzip and lzf by itself)
 INT8_FORMAT_VERSION = 2  # files with int8 cores: a version-1 reader would read the codes as values
-MAX_FORMAT_VERSION = 2  # the newest version this module reads
+#: files whose cores hold DCT or luma/chroma planes (``domain``/``colour`` attributes): an older reader would decode
+#: the planes as pixels
+TRANSFORM_FORMAT_VERSION = 3
+MAX_FORMAT_VERSION = 3  # the newest version this module reads
 CORE_DTYPES = ("float16", "float32", "int8")
 #: HDF5 filters of a core file; "gzip" (with byte shuffle) is the default by measurement (docs/bytes.md):
 #: within 3 % of zstd's bytes on stored cores, and every HDF5 reader decodes it without a plugin.
@@ -151,7 +157,8 @@ def write_core_file(
         with h5py.File(tmp, "w", libver=("v110", "v110"), locking=False, track_order=True) as f:
             _write_batches(f, batches, num_samples, image_shape, options, core_dtype, filters, progress)
             f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = INT8_FORMAT_VERSION if core_dtype == "int8" else FORMAT_VERSION
+            version = INT8_FORMAT_VERSION if core_dtype == "int8" else FORMAT_VERSION
+            f.attrs["format_version"] = TRANSFORM_FORMAT_VERSION if transform_attrs(options) else version
             f.attrs["mpsdata_version"] = _version
             f.attrs["image_mode"] = image_mode
             f.attrs["settings"] = json.dumps(settings, sort_keys=True)

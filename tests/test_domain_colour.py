@@ -20,7 +20,7 @@ from fakes import fake_images, write_cifar, write_mnist
 
 import mpsdata
 from mpsdata import _mps, _quant
-from mpsdata._archive import CoreFile
+from mpsdata._archive import TRANSFORM_FORMAT_VERSION, CoreFile
 from mpsdata._layout import make_layout
 from mpsdata._shared import colour_transform
 from mpsdata._signal import dct2, psnr
@@ -220,13 +220,14 @@ def test_dataset_with_dct_and_luma_chroma(tmp_path: Path, no_md5: None) -> None:
     torch.testing.assert_close(ds.decode_batch(range(len(ds))), m.reconstruct(torch.uint8), rtol=0, atol=1)
     with h5py.File(ds.archive, "r", locking=False) as f:
         assert (f.attrs["domain"], f.attrs["colour"]) == ("dct", "ycc")
+        assert f.attrs["format_version"] == TRANSFORM_FORMAT_VERSION == 3  # older readers refuse it
     assert (ds._cores.settings["domain"], ds._cores.settings["colour"]) == ("dct", "ycc")
     assert "luma_share" not in ds._cores.settings  # not given: the default, and the file name leaves it out
     plain = mpsdata.MPSCIFAR10(tmp_path, train=False, bytes_ratio=0.3, channel_mode="separate")
     assert plain.archive != ds.archive
     with h5py.File(plain.archive, "r", locking=False) as f:  # files of the defaults carry no transform attributes
         assert "domain" not in f.attrs and "colour" not in f.attrs
-    assert (plain._cores.domain, plain._cores.colour) == ("pixels", "rgb")
+    assert (plain._cores.domain, plain._cores.colour, plain._cores.format_version) == ("pixels", "rgb", 2)
     with pytest.raises(ValueError, match="takes colour images"):
         mpsdata.MPSFashionMNIST(tmp_path, colour="ycc")
     with pytest.raises(ValueError, match="domain must be one of"):
