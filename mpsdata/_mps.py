@@ -149,7 +149,10 @@ class MPS:
         """Theorem 1 bound on ``||image - reconstruction||_F`` per image, ``(*batch_shape,)``.
 
         ``sqrt(sum_k eps_k^2)`` of the last term: each residual term decomposes the error left by the
-        terms before it, so the last term's truncation bounds the error of the sum.
+        terms before it, so the last term's truncation bounds the error of the sum. The bound is that of what the
+        MPS hold: with ``domain="dct"`` the same as for the pixels (the DCT is orthonormal); with ``colour="ycc"``
+        and separate channels it bounds each luma/chroma plane, and the root sum of squares over an image's three
+        planes bounds its RGB error.
         """
         return self._need_tails()[:, -1].clamp_min(0).sum(-1).sqrt().reshape(self.batch_shape)
 
@@ -383,7 +386,7 @@ def decompose(
         True
         >>> rgb = torch.rand(2, 3, 8, 8) * 255
         >>> m = mpsdata.decompose(rgb, bytes_ratio=0.6, site_dims=[8, 8], colour="ycc", domain="dct")
-        >>> m.bond_dims, m.chroma_bond_dims, m.nbytes[0].tolist()  # luma takes 0.5 of 3 x 38 bytes, chroma 0.25 each
+        >>> m.bond_dims, m.chroma_bond_dims, m.nbytes[0].tolist()  # luma: 0.6 of 3 x 38.4 bytes, chroma 0.2 each
         ((3,), (1,), [54, 22, 22])
         >>> m.reconstruct(torch.uint8).shape
         torch.Size([2, 3, 8, 8])

@@ -621,7 +621,7 @@ def apply_layout(
     Example:
         >>> x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
         >>> rec, nbytes, bonds = apply_layout(x, 0.6, site_dims=[8, 8], colour="ycc")
-        >>> rec.shape, nbytes, bonds  # luma gets half of the 115 bytes, each chroma plane a quarter
+        >>> rec.shape, nbytes, bonds  # luma gets 0.6 of the 115 bytes, each chroma plane 0.2
         (torch.Size([2, 3, 8, 8]), 98, [(3,), (1,), (1,)])
     """
     from ._mps import decompose
