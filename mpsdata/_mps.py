@@ -806,7 +806,7 @@ def search(
             channel as a site.
         domain: Fix the domain instead of searching ``"pixels"`` and ``"dct"``.
         colour: Fix the colour handling instead of searching it.
-        luma_share: Fix luma's share instead of searching 0.5 and 0.7.
+        luma_share: Fix luma's share instead of searching 0.5, 0.6 and 0.7.
 
     Returns:
         ``{"best": dict, "candidates": [dict, ...]}`` as :func:`mpsdata._quant.search_layout` returns them.
@@ -844,7 +844,7 @@ def search(
     else:
         colours = None
     domains = DOMAINS if domain is None else (domain,)
-    shares = (0.5, 0.7) if luma_share is None else (luma_share,)
+    shares = (0.5, DEFAULT_LUMA_SHARE, 0.7) if luma_share is None else (luma_share,)
     try:
         return _quant.search_layout(sample, budget / terms, scheme, colours=colours, domains=domains,
                                     luma_shares=shares)  # fmt: skip
