@@ -408,6 +408,9 @@ def decompose(
     if luma_share is not None and ratio is None and bytes_ratio is None:
         raise ValueError("luma_share splits a ratio or bytes_ratio budget; give one of them, or drop luma_share")
 
+    if colour == "ycc" and (x.ndim < 3 or x.shape[-3] != 3):
+        raise ValueError(f"colour='ycc' takes 3-channel images (..., 3, H, W), got shape {tuple(x.shape)}")
+
     channels = x.shape[-3] if channel_mode == "site" else 1
     height, width = x.shape[-2], x.shape[-1]
     found = None
@@ -415,8 +418,6 @@ def decompose(
         found = _auto_search(x, image_dims, ratio, bytes_ratio, core_dtype, terms, domain, colour, luma_share)
         site_dims, domain, colour, luma_share = _from_candidate(found, channel_mode)
     domain, colour = domain or "pixels", colour or "rgb"
-    if colour == "ycc" and (x.ndim < 3 or x.shape[-3] != 3):
-        raise ValueError(f"colour='ycc' takes 3-channel images (..., 3, H, W), got shape {tuple(x.shape)}")
     layout = make_layout(height, width, channels, site_dims, channel_mode)
     split = colour == "ycc" and channel_mode == "separate" and (ratio is not None or bytes_ratio is not None)
     if split:
@@ -442,7 +443,7 @@ def decompose(
         domain != "pixels") else pixels  # fmt: skip
     if split:
         luma = torch.arange(flat.shape[0]) % 3 == 0
-        parts = [_encode(flat[rows], layout, b, 0.0, terms, compute, compute_bound, core_dtype)
+        parts = [_encode(flat[rows.to(flat.device)], layout, b, 0.0, terms, compute, compute_bound, core_dtype)
                  for rows, b in ((luma, luma_bonds), (~luma, chroma_bonds))]  # fmt: skip
         cores, ranks, eps2, tails, quantized = _merge_planes(luma, parts, layout.site_dims, (luma_bonds, chroma_bonds))
     else:
@@ -520,7 +521,8 @@ def _merge_planes(luma: torch.Tensor, parts, site_dims, plane_bonds):
                 codes = _unpack_int4(codes, _budget.num_params(b, site_dims))
             values.append(_pad_packed(codes, site_dims, b, target))
         codes = values[0].new_zeros((rows, *values[0].shape[1:]))
-        codes[luma], codes[~luma] = values[0], values[1]
+        on = luma.to(codes.device)
+        codes[on], codes[~on] = values[0], values[1]
         if q_luma.scheme == "int4":
             from ._quant import _pack_int4
 
@@ -528,7 +530,8 @@ def _merge_planes(luma: torch.Tensor, parts, site_dims, plane_bonds):
         scales = None
         if q_luma.scales is not None:
             scales = q_luma.scales.new_zeros((rows, *q_luma.scales.shape[1:]))
-            scales[luma], scales[~luma] = q_luma.scales, q_chroma.scales
+            on = luma.to(scales.device)
+            scales[on], scales[~on] = q_luma.scales, q_chroma.scales
         quantized = replace(q_luma, values=codes, scales=scales, bond_dims=target)
     return (*merged, quantized)
 

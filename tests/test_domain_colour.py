@@ -155,8 +155,9 @@ def test_bad_transform_options(kwargs, error, match) -> None:
 
 
 def test_ycc_needs_three_channels_and_a_split_needs_a_ratio() -> None:
-    with pytest.raises(ValueError, match="3-channel images"):
-        mpsdata.decompose(torch.rand(2, 8, 8), ratio=0.5, colour="ycc")
+    for site_dims in (None, "auto"):
+        with pytest.raises(ValueError, match="3-channel images"):
+            mpsdata.decompose(torch.rand(2, 8, 8), ratio=0.5, colour="ycc", site_dims=site_dims)
     with pytest.raises(ValueError, match="luma_share splits a ratio or bytes_ratio"):
         mpsdata.decompose(_rgb(2), max_bond=2, colour="ycc", luma_share=0.5)
 
