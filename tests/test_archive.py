@@ -21,7 +21,14 @@ from fakes import fake_images, write_cifar, write_mnist
 
 import mpsdata
 from mpsdata import _archive
-from mpsdata._archive import FORMAT_VERSION, MAX_FORMAT_VERSION, CoreFile, iterate_batches, write_core_file
+from mpsdata._archive import (
+    FORMAT_VERSION,
+    INT8_FORMAT_VERSION,
+    MAX_FORMAT_VERSION,
+    CoreFile,
+    iterate_batches,
+    write_core_file,
+)
 from mpsdata._layout import make_layout
 from mpsdata.datasets import _base
 
@@ -396,7 +403,7 @@ def test_int8_file_round_trips(tmp_path: Path) -> None:
     assert np.array_equal(cores.decode_one(7), decoded[7].numpy())
     assert cores.verify()["images"] == 40
     with h5py.File(path, "r", locking=False) as f:
-        assert f.attrs["format_version"] == MAX_FORMAT_VERSION == 2  # int8 cores: version 2
+        assert f.attrs["format_version"] == INT8_FORMAT_VERSION == 2  # int8 cores: version 2
         assert all(f[name].compression == "gzip" and f[name].shuffle for name in ("cores/site_0", "scales", "norms"))
     assert _write_int8(tmp_path / "b.h5", images, np.arange(40) % 10).read_bytes() == path.read_bytes()
 
