@@ -1,9 +1,11 @@
 """MPS core files: HDF5 written atomically in batches, read lazily per process (format in docs/format.md).
 
-Layout of a core file (format version 1; version 2 when the cores are int8, 3 when they are int4)::
+Layout of a core file (format version 1; version 2 when the cores are int8; 3 when they are int4 or hold DCT
+or luma/chroma planes)::
 
     /                 attrs: format, format_version, settings (JSON), meta (JSON), layout (JSON), bond_dims,
-                      num_samples, image_mode, content_sha256, mpsdata_version
+                      num_samples, image_mode, content_sha256, mpsdata_version; optional domain, colour,
+                      search (JSON)
     /cores/site_K     (N, G, d_{K-1}, j_K, d_K) one dataset per core site, chunked along samples
                       (G = channels * terms with channel_mode="separate", else terms); float16, float32 or int8;
                       int4: uint8 (N, G, d_{K-1}, ceil(j_K / 2), d_K), two codes per byte along j, low nibble first
@@ -41,7 +43,7 @@ from . import _engine, _kernels, _quant
 from ._budget import max_bonds
 from ._errors import MPSDataError
 from ._layout import Layout
-from ._mps import decompose
+from ._mps import COLOURS, DOMAINS, decompose, inverse_transform, to_uint8
 from ._version import __version__ as _version
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "INT4_FORMAT_VERSION",
     "INT8_FORMAT_VERSION",
     "MAX_FORMAT_VERSION",
+    "TRANSFORM_FORMAT_VERSION",
     "CoreFile",
     "check_header",
     "write_core_file",
@@ -59,6 +62,9 @@ FORMAT = "mpsdata-cores"
 FORMAT_VERSION = 1  # files with float cores (filtered or not: h5py decodes gzip and lzf by itself)
 INT8_FORMAT_VERSION = 2  # files with int8 cores: a version-1 reader would read the codes as values
 INT4_FORMAT_VERSION = 3  # files with int4 cores: uint8 bytes of two codes, which a version-2 reader cannot decode
+#: files whose cores hold DCT or luma/chroma planes (``domain``/``colour`` attributes): an older reader would decode
+#: the planes as pixels
+TRANSFORM_FORMAT_VERSION = 3
 MAX_FORMAT_VERSION = 3  # the newest version this module reads
 CORE_DTYPES = ("float16", "float32", "int8", "int4")
 #: numpy dtype of the stored cores and the format version a file of each core dtype declares.
@@ -125,6 +131,7 @@ def write_core_file(
     meta: dict[str, Any],
     progress: bool = True,
     compression: str | None = DEFAULT_COMPRESSION,
+    search: dict[str, Any] | None = None,
 ) -> Path:
     """Compress batches of images into a core file, atomically.
 
@@ -143,6 +150,8 @@ def write_core_file(
         progress: Show a tqdm progress bar.
         compression: HDF5 filter of every dataset, one of :data:`COMPRESSIONS` (``None`` is ``"none"``):
             ``"gzip"`` (byte shuffle + gzip level 6), ``"lzf"``, ``"zstd"`` (needs ``hdf5plugin`` to write and read).
+        search: What a ``site_dims="auto"`` search measured (best candidate and all candidates), stored as the JSON
+            attribute ``search``; ``options`` then hold the resolved layout, domain and colour.
 
     Returns:
         The path of the written file.
@@ -157,17 +166,28 @@ def write_core_file(
         with h5py.File(tmp, "w", libver=("v110", "v110"), locking=False, track_order=True) as f:
             _write_batches(f, batches, num_samples, image_shape, options, core_dtype, filters, progress)
             f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = _FORMAT_VERSIONS[core_dtype]
+            version = _FORMAT_VERSIONS[core_dtype]
+            f.attrs["format_version"] = max(version, TRANSFORM_FORMAT_VERSION) if transform_attrs(options) else version
             f.attrs["mpsdata_version"] = _version
             f.attrs["image_mode"] = image_mode
             f.attrs["settings"] = json.dumps(settings, sort_keys=True)
             f.attrs["meta"] = json.dumps(meta, sort_keys=True)
             f.attrs["content_sha256"] = _hash_datasets(f, write=True)
+            for name, value in transform_attrs(options).items():
+                f.attrs[name] = value
+            if search is not None:
+                f.attrs["search"] = json.dumps(search, sort_keys=True)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def transform_attrs(options: dict[str, Any]) -> dict[str, str]:
+    """Root attributes naming the domain and colour planes the cores hold; none for pixels and RGB (older files)."""
+    domain, colour = options.get("domain") or "pixels", options.get("colour") or "rgb"
+    return {} if (domain, colour) == ("pixels", "rgb") else {"domain": domain, "colour": colour}
 
 
 def filter_options(compression: str | None) -> dict[str, Any]:
@@ -350,13 +370,23 @@ def _decode_stored(stored: list[np.ndarray], m, n: int, f=None, start: int = 0) 
     scales = norms = None
     if stored[0].dtype.kind in "iu":
         scales, norms = f["scales"][start : start + n], f["norms"][start : start + n]
-    packed = _dequantize(stored, scales, norms, m.site_dims)
-    layout = m.layout
-    terms = m.terms
-    flat = torch.from_numpy(packed).reshape(n * groups // terms, terms, -1)
-    images = _engine.decode(flat, layout.scatter_index, layout.site_dims, m.bond_dims, quantize=True)
-    height, width = layout.height, layout.width
-    return images.reshape(n, -1, height, width)
+    packed = torch.from_numpy(_dequantize(stored, scales, norms, m.site_dims))
+    return _decode_packed(packed, m.layout, m.bond_dims, groups, m.terms, m.domain, m.colour)
+
+
+def _decode_packed(packed: torch.Tensor, layout: Layout, bonds, groups: int, terms: int, domain: str, colour: str):
+    """uint8 images ``(n, C, H, W)`` from packed float cores ``(n, groups, P)``: the one decode of writer and reader.
+
+    Cores of pixels and RGB round to uint8 inside the contraction; transformed planes (DCT, luma/chroma) are
+    contracted to floats, transformed back (:func:`mpsdata._mps.inverse_transform`), then rounded.
+    """
+    n = packed.shape[0]
+    flat = packed.reshape(n * groups // terms, terms, packed.shape[-1])
+    plain = (domain, colour) == ("pixels", "rgb")
+    images = _engine.decode(flat, layout.scatter_index, layout.site_dims, bonds, quantize=plain)
+    channels = layout.num_values * groups // terms // (layout.height * layout.width)
+    images = images.reshape(n, channels, layout.height, layout.width)
+    return images if plain else to_uint8(inverse_transform(images, domain, colour))
 
 
 def _hash_datasets(f: h5py.File, write: bool) -> str:
@@ -562,6 +592,15 @@ class CoreFile:
         self.meta: dict[str, Any] = json.loads(f.attrs["meta"])
         self.image_mode = str(f.attrs["image_mode"])
         self.content_sha256 = str(f.attrs["content_sha256"])
+        # What the cores hold; files without these attributes (all before them) hold pixels in RGB.
+        self.domain = str(f.attrs.get("domain", "pixels"))
+        self.colour = str(f.attrs.get("colour", "rgb"))
+        if self.domain not in DOMAINS or self.colour not in COLOURS:
+            raise MPSDataError(
+                f"core file {self.path}: domain {self.domain!r} / colour {self.colour!r} unknown to this mpsdata "
+                f"(it reads domains {DOMAINS}, colours {COLOURS}); upgrade mpsdata"
+            )
+        self.search = json.loads(f.attrs["search"]) if "search" in f.attrs else None
         layout = _layout_from_json(json.loads(f.attrs["layout"]))
         sites = [f[name] for name in _dataset_names(f)[: len(layout.site_dims)]]
         num_samples = int(f["targets"].shape[0])
@@ -691,15 +730,14 @@ class CoreFile:
         packed = torch.from_numpy(self.packed(idx))
         if device is not None:
             packed = packed.to(device)
-        n = idx.size
-        flat = packed.reshape(n * g.groups // g.terms, g.terms, packed.shape[-1])
-        images = _engine.decode(flat, g.layout.scatter_index, g.layout.site_dims, g.bond_dims, quantize=True)
-        channels = g.layout.num_values * g.groups // g.terms // (g.layout.height * g.layout.width)
-        return images.reshape(n, channels, g.layout.height, g.layout.width)
+        return _decode_packed(packed, g.layout, g.bond_dims, g.groups, g.terms, self.domain, self.colour)
 
     def decode_one(self, index: int) -> np.ndarray:
         """One uint8 image as ``(H, W)`` or ``(H, W, C)``, the fast path behind ``__getitem__``."""
         g = self.geometry
+        if (self.domain, self.colour) != ("pixels", "rgb"):  # transformed planes: the float decode, then round
+            image = self.decode([index])[0].numpy()
+            return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         memory = self._single_memory if self._single_memory is not None else self._single_cores()
         cores = memory[index].reshape(g.groups // g.terms, g.terms, -1)
         layout = g.layout

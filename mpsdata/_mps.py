@@ -20,6 +20,13 @@ __all__ = ["MPS", "decompose", "entanglement_entropy", "CORE_DTYPES"]
 
 #: Storage schemes of the cores (:mod:`mpsdata._quant`): floats, or integers with per-core scales.
 CORE_DTYPES = ("float32", "float16", "int8", "int4")
+#: Domains an image can be decomposed in: the pixels, or its orthonormal 2-D DCT (:func:`mpsdata._signal.dct2`).
+DOMAINS = ("pixels", "dct")
+#: Colour handling of 3-channel images: as given, or orthonormal luma/chroma (:data:`mpsdata._shared.COLOUR_YCC`).
+COLOURS = ("rgb", "ycc")
+#: Share of the budget luma takes with ``colour="ycc"`` and ``channel_mode="separate"`` (each chroma plane gets
+#: half the rest), chosen by measurement on 32x32 photo patches (docs/bytes.md).
+DEFAULT_LUMA_SHARE = 0.6
 
 
 class MPS:
@@ -30,8 +37,16 @@ class MPS:
 
     Attributes:
         layout: How pixels map to sites (see :attr:`site_dims`).
-        bond_dims: Stored bond dimensions ``d_1 ... d_{n-1}``, the same for every image and term.
+        bond_dims: Stored bond dimensions ``d_1 ... d_{n-1}``, the same for every image and term (with
+            ``colour="ycc"`` under a budget split, the luma bonds; chroma uses :attr:`chroma_bond_dims`, its cores
+            padded with zeros to these).
         batch_shape: Leading dims of the input that index images.
+        domain: ``"pixels"`` or ``"dct"``: what the MPS hold; :meth:`reconstruct` returns pixels either way.
+        colour: ``"rgb"`` (channels as given) or ``"ycc"`` (luma/chroma planes).
+        luma_share: Share of the budget luma took (``colour="ycc"``, ``channel_mode="separate"``), else ``None``.
+        chroma_bond_dims: Bonds of the chroma planes when they differ from :attr:`bond_dims`, else ``None``.
+        search: With ``site_dims="auto"``, what the search measured (:func:`mpsdata._quant.search_layout`'s
+            ``{"best", "candidates"}``), else ``None``.
     """
 
     def __init__(
@@ -54,6 +69,23 @@ class MPS:
         self._error: torch.Tensor | None = None  # measured error, when the sweep's weight is not it (padding)
         self._core_dtype: str | None = None  # storage scheme the cores were rounded to (decompose's core_dtype)
         self._quantized = None  # _quant.QuantizedCores of integer schemes: what a core file stores
+        self.domain = "pixels"
+        self.colour = "rgb"
+        self.luma_share: float | None = None
+        self.chroma_bond_dims: tuple[int, ...] | None = None
+        self.search: dict | None = None
+
+    def _copy_extras(self, other: MPS) -> MPS:
+        """``other`` with this MPS's transform and search figures (for :meth:`to` and indexing)."""
+        other._core_dtype = self._core_dtype
+        other.domain, other.colour, other.luma_share = self.domain, self.colour, self.luma_share
+        other.chroma_bond_dims, other.search = self.chroma_bond_dims, self.search
+        return other
+
+    @property
+    def _ycc_planes(self) -> bool:
+        """Luma/chroma planes as separate MPS: an image's three planes sit together on the last batch dim."""
+        return self.colour == "ycc" and not self.layout.channel_site
 
     # -- shape ----------------------------------------------------------------------------------------
     @property
@@ -117,7 +149,10 @@ class MPS:
         """Theorem 1 bound on ``||image - reconstruction||_F`` per image, ``(*batch_shape,)``.
 
         ``sqrt(sum_k eps_k^2)`` of the last term: each residual term decomposes the error left by the
-        terms before it, so the last term's truncation bounds the error of the sum.
+        terms before it, so the last term's truncation bounds the error of the sum. The bound is that of what the
+        MPS hold: with ``domain="dct"`` the same as for the pixels (the DCT is orthonormal); with ``colour="ycc"``
+        and separate channels it bounds each luma/chroma plane, and the root sum of squares over an image's three
+        planes bounds its RGB error.
         """
         return self._need_tails()[:, -1].clamp_min(0).sum(-1).sqrt().reshape(self.batch_shape)
 
@@ -162,11 +197,15 @@ class MPS:
         """
         from . import _quant
 
-        if self._core_dtype is None:
-            per_image = self._packed.shape[1] * self._packed.shape[2] * self._packed.element_size()
-        else:
-            per_image = _quant.nbytes_per_image(self.site_dims, self.bond_dims, self.terms, self._core_dtype)
-        return torch.full(self.batch_shape, per_image, dtype=torch.int64)
+        def per_mps(bonds) -> int:
+            if self._core_dtype is None:
+                return _budget.num_params(bonds, self.site_dims) * self.terms * self._packed.element_size()
+            return _quant.nbytes_per_image(self.site_dims, bonds, self.terms, self._core_dtype)
+
+        out = torch.full(self.batch_shape, per_mps(self.bond_dims), dtype=torch.int64)
+        if self.chroma_bond_dims is not None:  # chroma planes count their own bonds, not the zero padding
+            out[..., 1:] = per_mps(self.chroma_bond_dims)
+        return out
 
     # -- operations -----------------------------------------------------------------------------------
     def reconstruct(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -181,9 +220,16 @@ class MPS:
         """
         if dtype not in (None, torch.uint8):
             raise TypeError(f"dtype must be None or torch.uint8, got {dtype}; use .to() for other float dtypes")
-        flat = _engine.decode(
-            self._packed, self.layout.scatter_index, self.site_dims, self.bond_dims, quantize=dtype == torch.uint8
-        )
+        if self.domain == "pixels" and self.colour == "rgb":
+            return self._decode(quantize=dtype == torch.uint8)
+        # The MPS hold transformed planes: back to pixels in float, then round and clamp.
+        images = inverse_transform(self._decode(quantize=False), self.domain, self.colour)
+        return to_uint8(images) if dtype == torch.uint8 else images
+
+    def _decode(self, quantize: bool) -> torch.Tensor:
+        """What the MPS hold, contracted: ``(*batch_shape, [C,] H, W)`` in their domain and colour planes."""
+        scatter = self.layout.scatter_index
+        flat = _engine.decode(self._packed, scatter, self.site_dims, self.bond_dims, quantize=quantize)
         image = (self.layout.channels, self.layout.height, self.layout.width)
         return flat.reshape(*self.batch_shape, *image[3 - self.layout.image_dims :])
 
@@ -192,7 +238,7 @@ class MPS:
 
         Never above ``ln(terms * d_k)`` for bond ``k``.
         """
-        return _entropy(self.layout.to_sites(self.reconstruct()), self.site_dims)
+        return _entropy(self.layout.to_sites(self._decode(quantize=False)), self.site_dims)
 
     def to(self, device: torch.device | str) -> MPS:
         """Copy to another device."""
@@ -200,9 +246,8 @@ class MPS:
             self._packed.to(device), self.layout, self.bond_dims, self._ranks, self._eps2, self._tails, self.batch_shape
         )
         moved._error = self._error
-        moved._core_dtype = self._core_dtype
         moved._quantized = self._quantized
-        return moved
+        return self._copy_extras(moved)
 
     def __getitem__(self, index) -> MPS:
         """Select images along the leading batch dims, like indexing the input tensor."""
@@ -210,6 +255,13 @@ class MPS:
             raise IndexError("this MPS holds a single image; there is no batch dim to index")
         positions = torch.arange(self._packed.shape[0]).reshape(self.batch_shape)[index]
         flat = positions.reshape(-1)
+        if self._ycc_planes:
+            triples = flat.reshape(-1, 3) if positions.ndim and positions.shape[-1] == 3 else None
+            if triples is None or not bool(((triples[:, 0] % 3 == 0) & (triples.diff(dim=1) == 1).all(1)).all()):
+                raise IndexError(
+                    "an MPS of colour='ycc' with channel_mode='separate' keeps each image's luma and chroma planes "
+                    "together (the last batch dim): index the image dims only"
+                )
         picked = MPS(
             self._packed[flat.to(self._packed.device)],
             self.layout,
@@ -220,7 +272,7 @@ class MPS:
             positions.shape,
         )
         picked._error = None if self._error is None else self._error[flat]
-        picked._core_dtype = self._core_dtype
+        self._copy_extras(picked)
         if self._quantized is not None:
             from dataclasses import replace
 
@@ -233,6 +285,8 @@ class MPS:
         ratio = self.ratio
         shown = f"{ratio.max().item():.4f}" if ratio.numel() else "n/a"
         stored = "" if self._core_dtype is None else f", core_dtype={self._core_dtype!r}"
+        if self.domain != "pixels" or self.colour != "rgb":
+            stored += f", domain={self.domain!r}, colour={self.colour!r}"
         return (
             f"MPS(batch_shape={self.batch_shape}, layout={self.layout.describe()}, bond_dims={self.bond_dims}, "
             f"terms={self.terms}, ratio={shown}{stored}, dtype={self.dtype}, device={self.device})"
@@ -253,6 +307,9 @@ def decompose(
     core_dtype: str | None = None,
     dtype: torch.dtype | None = None,
     compute_bound: bool = True,
+    domain: str | None = None,
+    colour: str | None = None,
+    luma_share: float | None = None,
 ) -> MPS:
     """Factorise images into matrix product states, truncated to a budget.
 
@@ -278,9 +335,10 @@ def decompose(
         site_dims: Site layout: ``None`` (the measured default for the image size), ``"row"``,
             ``"hierarchical"``, explicit row-major sizes (``[2, 4, 7, 7, 2]``), or hierarchical
             ``(row, col)`` digit pairs (``[(7, 7), (2, 2), (2, 2)]``). ``[H, W]`` is the plain matrix SVD.
-            ``"auto"`` searches on the first 64 images for the layout with the best PSNR at the budget
-            (``ratio`` or ``bytes_ratio``; candidates: both families, ``[H, W]``, balanced 3- and 4-site
-            chains; :func:`mpsdata._quant.search_layout`) and uses it for all; :attr:`MPS.layout` tells which.
+            ``"auto"`` searches on the first 64 images for the layout, domain and colour handling with the best
+            PSNR at the budget (``ratio`` or ``bytes_ratio``; site candidates: both families, ``[H, W]``,
+            balanced 3- and 4-site chains; domains and colours those not given; :func:`search`) and uses it for
+            all; :attr:`MPS.layout`, :attr:`MPS.domain`, :attr:`MPS.colour` and :attr:`MPS.search` tell which.
         channel_mode: ``"separate"`` (each channel its own MPS) or ``"site"`` (channels as the last site).
         core_dtype: Storage scheme of the cores, one of :data:`CORE_DTYPES`: the cores are rounded to it (so
             :meth:`MPS.reconstruct` shows what a core file holds) and :attr:`MPS.nbytes` counts it. The integer
@@ -292,14 +350,26 @@ def decompose(
             an extra eigenvalue problem per truncated bond (+60% time on 28x28); the exact error
             (:attr:`MPS.error`) is always computed. With a ``core_dtype``, the bound is that of the cores
             before rounding, and :attr:`MPS.error` is measured after it.
+        domain: ``"pixels"`` (default) or ``"dct"``: decompose the orthonormal 2-D DCT of every channel
+            (:func:`mpsdata._signal.dct2`) instead of the pixels; :meth:`MPS.reconstruct` inverts it before
+            rounding. With the 2-site ``[H, W]`` layout the DCT is a local unitary: same singular values, same
+            error as pixels (up to rounding the cores).
+        colour: ``"rgb"`` (default: channels as given) or ``"ycc"``: orthonormal luma/chroma
+            (:data:`mpsdata._shared.COLOUR_YCC`) of 3-channel images ``(..., 3, H, W)``, inverted on
+            reconstruction. With ``channel_mode="separate"`` luma takes ``luma_share`` of a ``ratio`` or
+            ``bytes_ratio`` budget and each chroma plane half the rest (chroma cores are zero-padded to the luma
+            bonds; :attr:`MPS.nbytes` counts their own bonds). With ``channel_mode="site"`` it is a local unitary
+            on the channel site: same singular values at every bond as ``"rgb"``, so the same error up to rounding.
+        luma_share: Luma's share of the budget with ``colour="ycc"`` and ``channel_mode="separate"``, in
+            ``(0, 1)``; default :data:`DEFAULT_LUMA_SHARE` (by measurement, docs/bytes.md).
 
     Returns:
         The :class:`MPS` of every image.
 
     Raises:
         TypeError: ``x`` is not a tensor or array of uint8 or float values, or an argument has the wrong type.
-        ValueError: wrong number of dims, NaN or infinite pixels, an invalid or missing budget, or site
-            dims that do not match the image.
+        ValueError: wrong number of dims, NaN or infinite pixels, an invalid or missing budget, site
+            dims that do not match the image, or a bad domain, colour or luma share.
 
     Example:
         >>> import torch, mpsdata
@@ -314,6 +384,12 @@ def decompose(
         (38, 'int8', (2,))
         >>> bool((small.reconstruct() - x).abs().max() < 0.5)
         True
+        >>> rgb = torch.rand(2, 3, 8, 8) * 255
+        >>> m = mpsdata.decompose(rgb, bytes_ratio=0.6, site_dims=[8, 8], colour="ycc", domain="dct")
+        >>> m.bond_dims, m.chroma_bond_dims, m.nbytes[0].tolist()  # luma: 0.6 of 3 x 38.4 bytes, chroma 0.2 each
+        ((3,), (1,), [54, 22, 22])
+        >>> m.reconstruct(torch.uint8).shape
+        torch.Size([2, 3, 8, 8])
     """
     x = _as_tensor(x)
     if channel_mode not in ("separate", "site"):
@@ -327,16 +403,70 @@ def decompose(
     compute = _compute_dtype(x, dtype)
     terms = check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
     core_dtype = check_core_dtype(core_dtype, bytes_ratio)
+    auto = isinstance(site_dims, str) and site_dims == "auto"
+    domain, colour, luma_share = check_transform(domain, colour, luma_share, channel_mode, auto)
+    if luma_share is not None and ratio is None and bytes_ratio is None:
+        raise ValueError("luma_share splits a ratio or bytes_ratio budget; give one of them, or drop luma_share")
+
+    if colour == "ycc" and (x.ndim < 3 or x.shape[-3] != 3):
+        raise ValueError(f"colour='ycc' takes 3-channel images (..., 3, H, W), got shape {tuple(x.shape)}")
 
     channels = x.shape[-3] if channel_mode == "site" else 1
     height, width = x.shape[-2], x.shape[-1]
-    if isinstance(site_dims, str) and site_dims == "auto":
-        site_dims = _auto_sites(x, image_dims, ratio, bytes_ratio, core_dtype, terms)
+    found = None
+    if auto:
+        found = _auto_search(x, image_dims, ratio, bytes_ratio, core_dtype, terms, domain, colour, luma_share)
+        site_dims, domain, colour, luma_share = _from_candidate(found, channel_mode)
+    domain, colour = domain or "pixels", colour or "rgb"
     layout = make_layout(height, width, channels, site_dims, channel_mode)
-    bonds, use_tol = _solve_bonds(layout, ratio, bond_dims, max_bond, tol, terms, bytes_ratio, core_dtype)
+    split = colour == "ycc" and channel_mode == "separate" and (ratio is not None or bytes_ratio is not None)
+    if split:
+        luma_share = DEFAULT_LUMA_SHARE if luma_share is None else luma_share
+        try:
+            luma_bonds, chroma_bonds = (
+                _solve_bonds(layout, **_split_budget(ratio, bytes_ratio, share), terms=terms, core_dtype=core_dtype)[0]
+                for share in (luma_share, (1 - luma_share) / 2)
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"colour='ycc' gives luma {luma_share} of the budget and each chroma plane {(1 - luma_share) / 2:.3g} "
+                f"of it (three planes): {error}"
+            ) from None
+        bonds, use_tol = tuple(max(a, b) for a, b in zip(luma_bonds, chroma_bonds, strict=True)), 0.0
+    else:
+        luma_share = None
+        bonds, use_tol = _solve_bonds(layout, ratio, bond_dims, max_bond, tol, terms, bytes_ratio, core_dtype)
 
     batch_shape = x.shape[: x.ndim - image_dims]
-    flat = x.reshape(-1, layout.num_values)
+    pixels = x.reshape(-1, layout.num_values)
+    flat = forward_transform(x.to(compute), domain, colour).reshape(pixels.shape) if colour != "rgb" or (
+        domain != "pixels") else pixels  # fmt: skip
+    if split:
+        luma = torch.arange(flat.shape[0]) % 3 == 0
+        parts = [_encode(flat[rows.to(flat.device)], layout, b, 0.0, terms, compute, compute_bound, core_dtype)
+                 for rows, b in ((luma, luma_bonds), (~luma, chroma_bonds))]  # fmt: skip
+        cores, ranks, eps2, tails, quantized = _merge_planes(luma, parts, layout.site_dims, (luma_bonds, chroma_bonds))
+    else:
+        cores, ranks, eps2, tails, quantized, bonds = _encode(
+            flat, layout, bonds, use_tol, terms, compute, compute_bound, core_dtype
+        )
+    result = MPS(cores, layout, bonds, ranks, eps2, tails, batch_shape)
+    result._core_dtype, result._quantized = core_dtype, quantized
+    result.domain, result.colour, result.search = domain, colour, found
+    if split:
+        result.luma_share = float(luma_share)
+        result.chroma_bond_dims = None if tuple(chroma_bonds) == tuple(bonds) else tuple(chroma_bonds)
+    rounded = core_dtype is not None and core_dtype != str(compute).removeprefix("torch.")
+    padded = layout.padded_height * layout.padded_width != height * width
+    if (rounded or padded or flat is not pixels) and flat.shape[0]:
+        # The sweep's discarded weight counts the replicated edge pixels too, and a colour transform mixes the
+        # channels: measure on the real pixels.
+        result._error = (result.reconstruct().reshape(flat.shape) - pixels.to(compute)).norm(dim=-1).cpu()
+    return result
+
+
+def _encode(flat, layout: Layout, bonds, use_tol: float, terms: int, compute, compute_bound, core_dtype):
+    """TT-SVD of rows ``(B, values)`` at bonds, compacted under a tolerance and rounded to ``core_dtype``."""
     packed = _engine.encode(
         flat, layout.gather_index, layout.site_dims, bonds, tol=use_tol, terms=terms, dtype=compute,
         tails=bool(compute_bound),
@@ -348,13 +478,128 @@ def decompose(
     quantized = None
     if core_dtype is not None:
         cores, quantized = _round_cores(cores, flat, layout, bonds, core_dtype)
-    result = MPS(cores, layout, bonds, packed.ranks.cpu(), packed.eps2.cpu(), tails, batch_shape)
-    result._core_dtype, result._quantized = core_dtype, quantized
-    rounded = core_dtype is not None and core_dtype != str(compute).removeprefix("torch.")
-    if (rounded or layout.padded_height * layout.padded_width != height * width) and flat.shape[0]:
-        # The sweep's discarded weight counts the replicated edge pixels too: measure on the real pixels.
-        result._error = (result.reconstruct().reshape(flat.shape) - flat.to(compute)).norm(dim=-1).cpu()
-    return result
+    return cores, packed.ranks.cpu(), packed.eps2.cpu(), tails, quantized, tuple(bonds)
+
+
+def _split_budget(ratio, bytes_ratio, share: float) -> dict[str, float | None]:
+    """Budget keywords of :func:`_solve_bonds` for one plane taking ``share`` of a three-plane budget."""
+    plane: dict[str, float | None] = {"ratio": None, "bytes_ratio": None, "bond_dims": None, "max_bond": None,
+                                      "tol": None}  # fmt: skip
+    if bytes_ratio is not None:
+        plane["bytes_ratio"] = 3 * share * float(bytes_ratio)
+    else:
+        plane["ratio"] = min(1.0, 3 * share * float(ratio))
+    return plane
+
+
+def _merge_planes(luma: torch.Tensor, parts, site_dims, plane_bonds):
+    """Luma and chroma rows encoded at their own bonds, back in one batch with chroma zero-padded to luma's."""
+    from dataclasses import replace
+
+    (luma_bonds, chroma_bonds), target = plane_bonds, tuple(max(a, b) for a, b in zip(*plane_bonds, strict=True))
+    rows = luma.shape[0]
+    merged = []
+    for k in range(4):  # cores, ranks, eps2, tails
+        pieces = [p[k] for p in parts]
+        if pieces[0] is None:
+            merged.append(None)
+            continue
+        if k == 0:
+            pieces = [_pad_packed(p, site_dims, b, target) for p, b in zip(pieces, plane_bonds, strict=True)]
+        out = pieces[0].new_zeros((rows, *pieces[0].shape[1:]))
+        out[luma.to(out.device)], out[(~luma).to(out.device)] = pieces[0], pieces[1]
+        merged.append(out)
+    quantized = None
+    if parts[0][4] is not None:
+        q_luma, q_chroma = parts[0][4], parts[1][4]
+        values = []
+        for q, b in ((q_luma, luma_bonds), (q_chroma, chroma_bonds)):
+            codes = q.values
+            if q.scheme == "int4":  # pad the codes, not the nibbles
+                from ._quant import _unpack_int4
+
+                codes = _unpack_int4(codes, _budget.num_params(b, site_dims))
+            values.append(_pad_packed(codes, site_dims, b, target))
+        codes = values[0].new_zeros((rows, *values[0].shape[1:]))
+        on = luma.to(codes.device)
+        codes[on], codes[~on] = values[0], values[1]
+        if q_luma.scheme == "int4":
+            from ._quant import _pack_int4
+
+            codes = _pack_int4(codes)
+        scales = None
+        if q_luma.scales is not None:
+            scales = q_luma.scales.new_zeros((rows, *q_luma.scales.shape[1:]))
+            on = luma.to(scales.device)
+            scales[on], scales[~on] = q_luma.scales, q_chroma.scales
+        quantized = replace(q_luma, values=codes, scales=scales, bond_dims=target)
+    return (*merged, quantized)
+
+
+def _pad_packed(packed: torch.Tensor, site_dims, bonds, target) -> torch.Tensor:
+    """Packed cores ``(..., P)`` at ``bonds`` zero-padded to larger bonds ``target`` (they contract the same)."""
+    if tuple(bonds) == tuple(target):
+        return packed
+    old, new = [1, *bonds, 1], [1, *target, 1]
+    pieces = []
+    for k, core in enumerate(_engine.unpack(packed, site_dims, bonds)):
+        grown = core.new_zeros((*core.shape[:-3], new[k], site_dims[k], new[k + 1]))
+        grown[..., : old[k], :, : old[k + 1]] = core
+        pieces.append(grown.flatten(-3))
+    return torch.cat(pieces, -1)
+
+
+def check_transform(domain, colour, luma_share, channel_mode, auto: bool = False):
+    """Validate ``domain``, ``colour`` and ``luma_share``; ``None`` stays ``None`` (default, or searched)."""
+    for name, value, allowed in (("domain", domain, DOMAINS), ("colour", colour, COLOURS)):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, one of {allowed}, got {type(value).__name__}")
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if luma_share is not None:
+        share = _check_number("luma_share", luma_share)
+        if not 0 < share < 1:
+            raise ValueError(f"luma_share must be in (0, 1), got {luma_share}")
+        if colour != "ycc" and not (auto and colour is None):
+            raise ValueError(f"luma_share applies to colour='ycc' only, got colour={colour!r}")
+        if channel_mode != "separate":
+            raise ValueError(
+                "luma_share splits the budget between separate luma and chroma MPS: it needs "
+                f"channel_mode='separate', got {channel_mode!r}"
+            )
+        luma_share = share
+    return domain, colour, luma_share
+
+
+def forward_transform(images: torch.Tensor, domain: str, colour: str) -> torch.Tensor:
+    """Float images ``(..., [3,] H, W)`` into the planes an MPS holds: luma/chroma first, then the 2-D DCT."""
+    from ._shared import colour_transform
+    from ._signal import dct2
+
+    out = colour_transform(images) if colour == "ycc" else images
+    return dct2(out) if domain == "dct" else out
+
+
+def inverse_transform(planes: torch.Tensor, domain: str, colour: str) -> torch.Tensor:
+    """Float planes back to pixels (inverse of :func:`forward_transform`); ``"pixels"``/``"rgb"`` is the identity.
+
+    Example:
+        >>> x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+        >>> bool(torch.allclose(inverse_transform(forward_transform(x, "dct", "ycc"), "dct", "ycc"), x))
+        True
+    """
+    from ._shared import colour_transform
+    from ._signal import dct2
+
+    out = dct2(planes, inverse=True) if domain == "dct" else planes
+    return colour_transform(out, inverse=True) if colour == "ycc" else out
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Round half up and clamp to ``0..255``, as the fast uint8 decode does."""
+    return images.to(torch.float64).add(0.5).floor_().clamp_(0, 255).to(torch.uint8)
 
 
 def entanglement_entropy(
@@ -530,33 +775,107 @@ def _solve_bonds(
     return _budget.tighten(caps, sites), float(tol or 0.0)
 
 
-AUTO_SAMPLE = 64  # images site_dims="auto" searches on
+AUTO_SAMPLE = 64  # images site_dims="auto" searches on in decompose (datasets take a random sample)
 
 
-def _auto_sites(x: torch.Tensor, image_dims: int, ratio, bytes_ratio, core_dtype, terms: int):
-    """The site spec with the best mean PSNR at the budget on the first images (``site_dims="auto"``)."""
+def search(
+    sample: torch.Tensor,
+    *,
+    ratio: float | None = None,
+    bytes_ratio: float | None = None,
+    core_dtype: str | None = None,
+    residual: int = 0,
+    channel_mode: ChannelMode = "separate",
+    domain: str | None = None,
+    colour: str | None = None,
+    luma_share: float | None = None,
+) -> dict:
+    """The site layout, domain and colour handling with the best mean PSNR on sample images at a budget.
+
+    What ``site_dims="auto"`` runs (:func:`decompose` on its first images, datasets on a seeded random sample of
+    their training data): :func:`mpsdata._quant.search_layout`, which decomposes the sample with every candidate
+    through :func:`decompose`, decodes to uint8 and scores the PSNR. Candidates that are provably equivalent are
+    skipped: the 2-D DCT of the 2-site ``[H, W]`` layout, and luma/chroma with the channel as a site (both local
+    unitaries: same singular values at every bond).
+
+    Args:
+        sample: Images ``(N, H, W)``, or ``(N, C, H, W)`` with ``C`` 1 or 3 (colour handling is searched for 3);
+            uint8, or floats, which are mapped onto ``0..255`` for scoring.
+        ratio: Parameter budget, as :func:`decompose`'s.
+        bytes_ratio: Byte budget, as :func:`decompose`'s.
+        core_dtype: Storage scheme under ``bytes_ratio`` (default int8).
+        residual: Residual terms (the budget is shared by ``residual + 1`` terms).
+        channel_mode: ``"separate"`` searches ``"rgb"`` and ``"ycc"`` (with luma shares), ``"site"`` only the
+            channel as a site.
+        domain: Fix the domain instead of searching ``"pixels"`` and ``"dct"``.
+        colour: Fix the colour handling instead of searching it.
+        luma_share: Fix luma's share instead of searching 0.5, 0.6 and 0.7.
+
+    Returns:
+        ``{"best": dict, "candidates": [dict, ...]}`` as :func:`mpsdata._quant.search_layout` returns them.
+
+    Example:
+        >>> import torch, mpsdata
+        >>> x = torch.arange(64.0).reshape(1, 8, 8).repeat(4, 1, 1)
+        >>> found = search(x, bytes_ratio=0.7)
+        >>> found["best"]["psnr"] > 40, sorted({c["domain"] for c in found["candidates"]})
+        (True, ['dct', 'pixels'])
+    """
     from . import _quant
 
+    terms = check_budget(ratio, None, None, None, residual, bytes_ratio)
     if ratio is None and bytes_ratio is None:
         raise ValueError("site_dims='auto' searches layouts at a ratio or bytes_ratio budget; give one of them")
-    sample = x.reshape(-1, *x.shape[x.ndim - image_dims :])[:AUTO_SAMPLE].to(torch.float64).cpu()
-    if sample.shape[0] == 0:
-        return None
-    if image_dims == 3 and sample.shape[1] not in (1, 3):
+    core_dtype = check_core_dtype(core_dtype, bytes_ratio)
+    domain, colour, luma_share = check_transform(domain, colour, luma_share, channel_mode, auto=True)
+    sample = _as_tensor(sample).cpu()
+    if sample.ndim not in (3, 4):
+        raise ValueError(f"sample must be (N, H, W) or (N, C, H, W), got shape {tuple(sample.shape)}")
+    if sample.ndim == 4 and channel_mode == "site" and sample.shape[1] not in (1, 3):
         raise ValueError(f"site_dims='auto' with channel_mode='site' takes 1 or 3 channels, got {sample.shape[1]}")
-    if x.dtype != torch.uint8:  # the search scores uint8 images: map the sample's range onto 0..255
+    if sample.ndim == 4 and sample.shape[1] != 3 and channel_mode == "separate":
+        sample = sample.flatten(0, 1)  # separate planes that are not colour: each one its own image
+    if sample.dtype != torch.uint8 and sample.numel():  # the search scores uint8 images: map the range onto 0..255
         low, high = sample.min(), sample.max()
         sample = (sample - low) * (255 / (high - low)) if high > low else torch.zeros_like(sample)
     if bytes_ratio is not None:
         scheme, budget = core_dtype or "int8", float(bytes_ratio)
     else:  # float32 bytes are 4 per parameter: this budget gives exactly the bonds of the ratio
         scheme, budget = "float32", 4 * float(ratio)
-    colours = ("rgb-site",) if image_dims == 3 else None
+    if sample.ndim == 4 and sample.shape[1] == 3:
+        colours = ["rgb-site"] if channel_mode == "site" else [c for c in COLOURS if colour in (None, c)]
+    else:
+        colours = None
+    domains = DOMAINS if domain is None else (domain,)
+    shares = (0.5, DEFAULT_LUMA_SHARE, 0.7) if luma_share is None else (luma_share,)
     try:
-        found = _quant.search_layout(sample, budget / terms, scheme, colours=colours, domains=("pixels",))
+        return _quant.search_layout(sample, budget / terms, scheme, colours=colours, domains=domains,
+                                    luma_shares=shares)  # fmt: skip
     except ValueError as error:
         raise ValueError(f"site_dims='auto': {error}") from None
-    return found["best"]["site_dims"]
+
+
+def _auto_search(x: torch.Tensor, image_dims: int, ratio, bytes_ratio, core_dtype, terms: int, domain, colour, share):
+    """:func:`search` on the first :data:`AUTO_SAMPLE` images of a decompose call."""
+    if ratio is None and bytes_ratio is None:
+        raise ValueError("site_dims='auto' searches layouts at a ratio or bytes_ratio budget; give one of them")
+    colour_images = image_dims == 3 or (x.ndim >= 3 and x.shape[-3] == 3)
+    dims = 3 if colour_images else 2
+    sample = x.reshape(-1, *x.shape[x.ndim - dims :])[:AUTO_SAMPLE]
+    if sample.shape[0] == 0:
+        return None
+    mode = "site" if image_dims == 3 else "separate"
+    return search(sample, ratio=ratio, bytes_ratio=bytes_ratio, core_dtype=core_dtype, residual=terms - 1,
+                  channel_mode=mode, domain=domain, colour=colour, luma_share=share)  # fmt: skip
+
+
+def _from_candidate(found: dict | None, channel_mode: str):
+    """``(site_dims, domain, colour, luma_share)`` of a search's best candidate, for :func:`decompose`."""
+    if found is None:
+        return None, None, None, None
+    best = found["best"]
+    colour = "ycc" if best["colour"] == "ycc" else "rgb"
+    return best["site_dims"], best["domain"], colour, best["luma_share"] if channel_mode == "separate" else None
 
 
 def _round_cores(cores: torch.Tensor, flat: torch.Tensor, layout: Layout, bonds, core_dtype: str):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import _budget, _engine
-from ._signal import dct2, psnr
+from ._signal import psnr
 
 __all__ = [
     "SCHEMES",
@@ -575,37 +575,15 @@ def reconstruct(q: QuantizedCores, layout, dtype: torch.dtype | None = None) -> 
 # ---------------------------------------------------------------------------------------------------
 # Layout, colour and domain search at a byte budget
 def _candidate_sites(height: int, width: int) -> list:
-    """Site specs worth trying: both families, the plain matrix, and row-major chains of 3 and 4 sites."""
+    """Site specs worth trying: the default, both families, the plain matrix, and row-major chains of 3 and 4 sites."""
     from ._layout import _balanced_sites, _prime_factors
 
-    specs: list = ["hierarchical", "row", [height, width]]
+    specs: list = [None, "hierarchical", "row", [height, width]]  # None: the default layout, first among ties
     factors = _prime_factors(height * width)
     for n in (3, 4):
         if len(factors) >= n:
             specs.append(list(_balanced_sites(factors, n)))
     return specs
-
-
-def _encode_channels(planes: torch.Tensor, spec, budgets: Sequence[float], scheme: str, sweeps: int):
-    """Quantised MPS of every channel plane ``(N, C, H, W)`` (float) at per-channel byte ratios.
-
-    Returns the decoded float planes, bytes per image and the bonds per channel.
-    """
-    from ._layout import make_layout
-
-    n, c, h, w = planes.shape
-    out = torch.empty_like(planes)
-    nbytes = 0
-    bonds_all = []
-    for ch in range(c):
-        layout = make_layout(h, w, 1, spec)
-        bonds = bonds_for_bytes(layout.site_dims, budgets[ch], layout.num_values, 1, scheme)
-        q = quantize_refit(layout.to_sites(planes[:, ch]), layout.site_dims, bonds, 1, scheme, sweeps=sweeps)
-        flat = _engine.decode(q.dequantize(), layout.scatter_index, layout.site_dims, bonds)
-        out[:, ch] = flat.to(planes.dtype).reshape(n, h, w)
-        nbytes += nbytes_per_image(layout.site_dims, bonds, 1, scheme)
-        bonds_all.append(bonds)
-    return out, nbytes, bonds_all
 
 
 def apply_layout(
@@ -617,30 +595,36 @@ def apply_layout(
     colour: str = "rgb",
     luma_share: float | None = None,
     domain: str = "pixels",
-    sweeps: int = 0,
 ) -> tuple[torch.Tensor, int, list[tuple[int, ...]]]:
     """Quantised per-image MPS of images at a byte budget with one layout, colour and domain choice.
+
+    A thin wrapper of :func:`mpsdata.decompose` (the one implementation of every option) that names the colour
+    handling the way the search does and returns what it scores.
 
     Args:
         images: ``(N, C, H, W)`` (``C`` 1 or 3) or ``(N, H, W)`` uint8 images.
         bytes_ratio: Stored bytes (all channels) over raw uint8 bytes ``C H W``.
-        scheme: One of :data:`SCHEMES`.
+        scheme: One of :data:`SCHEMES` (``decompose``'s ``core_dtype``).
         site_dims: Site spec, as ``decompose``'s.
         colour: ``"rgb"`` (a channel per MPS, equal bytes), ``"rgb-site"`` (the channel as the last site) or
             ``"ycc"`` (orthonormal luma/chroma, a channel per MPS, luma taking ``luma_share`` of the bytes);
             gray images ignore it (``"gray"`` names that).
-        luma_share: Fraction of the bytes for luma with ``"ycc"``.
+        luma_share: Fraction of the bytes for luma with ``"ycc"`` (default ``decompose``'s).
         domain: ``"pixels"`` or ``"dct"`` (orthonormal 2-D DCT of every channel first).
-        sweeps: ALS sweeps of :func:`quantize_refit`.
 
     Returns:
         ``(uint8 reconstructions like images, bytes per image, bonds per MPS channel)``.
 
     Raises:
         ValueError: the budget cannot hold the smallest MPS of this layout, or a bad option.
+
+    Example:
+        >>> x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+        >>> rec, nbytes, bonds = apply_layout(x, 0.6, site_dims=[8, 8], colour="ycc")
+        >>> rec.shape, nbytes, bonds  # luma gets 0.6 of the 115 bytes, each chroma plane 0.2
+        (torch.Size([2, 3, 8, 8]), 98, [(3,), (1,), (1,)])
     """
-    from ._layout import make_layout
-    from ._shared import colour_transform
+    from ._mps import decompose
 
     scheme = _check_scheme(scheme)
     x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
@@ -651,36 +635,21 @@ def apply_layout(
         raise ValueError(f"images must be (N, H, W) or (N, C, H, W) with C 1 or 3, got {tuple(x.shape)}")
     if colour not in ("rgb", "rgb-site", "ycc", "gray"):
         raise ValueError(f"colour must be 'rgb', 'rgb-site', 'ycc' or 'gray', got {colour!r}")
-    if domain not in ("pixels", "dct"):
-        raise ValueError(f"domain must be 'pixels' or 'dct', got {domain!r}")
-    n, c, h, w = x.shape
+    c = x.shape[1]
     if c == 1:
         colour = "rgb"
-    planes = x.to(torch.float64)
-    if colour == "ycc":
-        planes = colour_transform(planes)
-    if domain == "dct":
-        planes = dct2(planes)
-    if colour == "rgb-site":
-        layout = make_layout(h, w, c, site_dims, "site")
-        bonds = bonds_for_bytes(layout.site_dims, bytes_ratio, layout.num_values, 1, scheme)
-        q = quantize_refit(layout.to_sites(planes), layout.site_dims, bonds, 1, scheme, sweeps=sweeps)
-        flat = _engine.decode(q.dequantize(), layout.scatter_index, layout.site_dims, bonds)
-        rec = flat.to(torch.float64).reshape(n, c, h, w)
-        nbytes, bonds_all = nbytes_per_image(layout.site_dims, bonds, 1, scheme), [bonds]
-    else:
-        if colour == "ycc":
-            share = 0.5 if luma_share is None else float(luma_share)
-            shares = [share, (1 - share) / 2, (1 - share) / 2]
-        else:
-            shares = [1 / c] * c
-        rec, nbytes, bonds_all = _encode_channels(planes, site_dims, [bytes_ratio * c * s for s in shares], scheme,
-                                                  sweeps)  # fmt: skip
-    if domain == "dct":
-        rec = dct2(rec, inverse=True)
-    if colour == "ycc":
-        rec = colour_transform(rec, inverse=True)
-    out = rec.round().clamp(0, 255).to(torch.uint8)
+    mode = "site" if colour == "rgb-site" else "separate"
+    m = decompose(
+        x if c == 3 or mode == "site" else x[:, 0], bytes_ratio=bytes_ratio, core_dtype=scheme, site_dims=site_dims,
+        channel_mode=mode, colour="ycc" if colour == "ycc" else "rgb", domain=domain,
+        luma_share=luma_share if colour == "ycc" else None, compute_bound=False,
+    )  # fmt: skip
+    out = m.reconstruct(torch.uint8).reshape(x.shape)
+    per_mps = m.nbytes.reshape(-1, 1 if mode == "site" else c)
+    planes = 1 if mode == "site" else c
+    bonds_all = [m.bond_dims] + [m.chroma_bond_dims or m.bond_dims] * (planes - 1)
+    nbytes = int(per_mps[0].sum()) if per_mps.shape[0] else sum(
+        nbytes_per_image(m.site_dims, b, m.terms, scheme) for b in bonds_all)  # fmt: skip
     return (out[:, 0] if squeeze else out), nbytes, bonds_all
 
 
@@ -693,25 +662,26 @@ def search_layout(
     colours: Sequence[str] | None = None,
     luma_shares: Sequence[float] = (0.5, 0.7),
     domains: Sequence[str] = ("pixels", "dct"),
-    sweeps: int = 0,
 ) -> dict[str, Any]:
     """Find the per-image MPS layout, colour handling and domain with the best PSNR at a byte budget.
 
-    Every candidate is quantised with the quantisation-aware fit (:func:`quantize_refit`) at bonds that keep
+    Every candidate is decomposed by :func:`mpsdata.decompose` (through :func:`apply_layout`) at bonds that keep
     the stored bytes (:func:`nbytes_per_image`, all channels) within ``bytes_ratio`` of the raw uint8 image,
-    decoded to uint8 and scored by PSNR (mean over the sample); see :func:`apply_layout`.
+    decoded to uint8 and scored by PSNR (mean over the sample). Provably equivalent candidates are skipped: the
+    2-D DCT ``D X D^T`` of the 2-site ``[H, W]`` layout is a local unitary on its two sites (same singular values
+    at every bond as the pixels), so that layout is tried in the pixel domain only; luma/chroma with the channel
+    as a site (a local unitary on the channel site) is not a candidate, ``"rgb-site"`` stands for it.
 
     Args:
         sample_images: ``(N, H, W)`` or ``(N, C, H, W)`` uint8 images (a few dozen are plenty).
         bytes_ratio: Stored bytes over raw uint8 bytes ``C H W``.
         scheme: One of :data:`SCHEMES`.
-        site_dims: Candidate site specs (as ``decompose``'s ``site_dims``); default both families, the plain
-            ``[H, W]`` matrix and row-major chains of 3 and 4 balanced sites.
+        site_dims: Candidate site specs (as ``decompose``'s ``site_dims``); default the default layout (``None``),
+            both families, the plain ``[H, W]`` matrix and row-major chains of 3 and 4 balanced sites.
         colours: For colour images, among ``"rgb"``, ``"rgb-site"`` and ``"ycc"`` (see :func:`apply_layout`);
             default all three.
         luma_shares: Fractions of the byte budget tried for luma with ``"ycc"``.
         domains: ``"pixels"`` and/or ``"dct"``.
-        sweeps: ALS sweeps of the refit.
 
     Returns:
         ``{"best": dict, "candidates": [dict, ...]}``; each dict holds ``site_dims`` (the spec, ready for
@@ -753,22 +723,24 @@ def search_layout(
     results = []
     seen: set = set()
     for spec in specs:
-        try:
-            resolved = make_layout(h, w, 1, spec).site_dims
-        except (TypeError, ValueError):
-            continue
-        if resolved in seen:
-            continue
-        seen.add(resolved)
-        for domain in domains:
-            for colour, share in colour_options:
+        for colour, share in colour_options:
+            mode = "site" if colour == "rgb-site" else "separate"
+            try:
+                layout = make_layout(h, w, c if mode == "site" else 1, spec, mode)
+            except (TypeError, ValueError):
+                continue
+            if (layout, colour, share) in seen:  # two specs naming one layout
+                continue
+            seen.add((layout, colour, share))
+            matrix = layout.kind == "row" and tuple(layout.spatial_sites) == (h, w)  # the DCT is a local unitary
+            for domain in [d for d in domains if not (matrix and d == "dct" and "pixels" in domains)]:
                 try:
                     rec, nbytes, bonds_all = apply_layout(x, bytes_ratio, scheme, site_dims=spec, colour=colour,
-                                                          luma_share=share, domain=domain, sweeps=sweeps)  # fmt: skip
+                                                          luma_share=share, domain=domain)  # fmt: skip
                 except ValueError:
                     continue  # this layout cannot meet the budget
                 results.append({
-                    "site_dims": spec, "layout": resolved, "colour": colour if c == 3 else "gray",
+                    "site_dims": spec, "layout": layout.site_dims, "colour": colour if c == 3 else "gray",
                     "luma_share": share, "domain": domain, "bond_dims": bonds_all,
                     "bytes_ratio": nbytes / (c * h * w), "psnr": float(psnr(rec, x).mean()),
                 })  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,11 +18,17 @@ def dct_matrix(size: int, dtype: torch.dtype = torch.float64, device: torch.devi
         >>> bool(torch.allclose(c @ c.T, torch.eye(4, dtype=torch.float64)))
         True
     """
+    return _dct_matrix(size).to(dtype=dtype, device=device, copy=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _dct_matrix(size: int) -> torch.Tensor:
+    """Cached: readers invert the DCT per item, and building the matrix costs far more than applying it."""
     k = torch.arange(size, dtype=torch.float64)[:, None]
     j = torch.arange(size, dtype=torch.float64)[None]
     mat = torch.cos(math.pi * (2 * j + 1) * k / (2 * size)) * math.sqrt(2 / size)
     mat[0] /= math.sqrt(2)
-    return mat.to(dtype=dtype, device=device)
+    return mat
 
 
 def dct2(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-bond", type=int, help="cap on every bond")
     budget.add_argument("--tol", type=float, help="relative error tolerance")
     budget.add_argument("--residual", type=int, default=0, help="residual MPS terms (paper Alg. 2)")
-    build.add_argument("--site-dims", type=_site_dims, help="'row', 'hierarchical' or sizes like 2,4,7,7,2")
+    build.add_argument(
+        "--site-dims", type=_site_dims, help="'row', 'hierarchical', 'auto' (searched) or sizes like 2,4,7,7,2"
+    )
+    build.add_argument("--domain", choices=("pixels", "dct"), help="decompose the pixels or their 2-D DCT")
+    build.add_argument("--colour", choices=("rgb", "ycc"), help="colour images as RGB or orthonormal luma/chroma")
+    build.add_argument("--luma-share", type=float, help="luma's share of the budget (--colour ycc, separate channels)")
     build.add_argument("--channel-mode", choices=("site", "separate"), default="site")
     build.add_argument(
         "--core-dtype",
@@ -118,7 +123,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _site_dims(text: str) -> Any:
-    return text if text in ("row", "hierarchical") else _int_list(text)
+    return text if text in ("row", "hierarchical", "auto") else _int_list(text)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,6 +139,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "core_dtype": args.core_dtype,
         "compression": args.compression,
     }
+    given = {"domain": args.domain, "colour": args.colour, "luma_share": args.luma_share}
+    options.update({k: v for k, v in given.items() if v is not None})
     if args.image_size is not None:
         if args.dataset not in ("imagenet", "imagefolder"):
             raise ValueError("--image-size applies to imagenet and imagefolder only")
@@ -206,6 +213,8 @@ def _summary(path: Path) -> dict[str, Any]:
         "image_shape": cores.settings["image_shape"],
         "classes": len(cores.meta["classes"]),
         "layout": g.layout.describe(),
+        "domain": cores.domain,
+        "colour": cores.colour,
         "bond_dims": list(g.bond_dims),
         "terms": g.terms,
         "core_dtype": cores.core_dtype,
@@ -224,7 +233,8 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    for key in ("file", "dataset", "split", "images", "image_shape", "classes", "layout", "bond_dims", "terms"):
+    keys = ("file", "dataset", "split", "images", "image_shape", "classes", "layout", "domain", "colour", "bond_dims")
+    for key in (*keys, "terms"):
         print(f"{key:>14}: {summary[key]}")
     print(f"{'core_dtype':>14}: {summary['core_dtype']}")
     print(f"{'ratio':>14}: {summary['ratio']:.4f} (paper: parameters / pixel values)")
@@ -312,6 +322,7 @@ def _originals(cores, root: Path, count: int) -> np.ndarray:
         raise ValueError(f"unknown dataset {name!r} in {cores.path}")
     keys = ("ratio", "bytes_ratio", "bond_dims", "max_bond", "tol", "residual", "site_dims", "channel_mode")
     options = {k: settings.get(k) for k in keys}
+    options.update({k: settings[k] for k in ("domain", "colour", "luma_share") if k in settings})
     options["core_dtype"] = settings["core_dtype"]
     options["compression"] = settings.get("compression", "none")
     options["archive_dir"] = cores.path.parent

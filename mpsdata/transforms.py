@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 from torchvision.transforms.v2._utils import is_pure_tensor
 
-from ._mps import check_budget, check_core_dtype, decompose
+from ._mps import check_budget, check_core_dtype, check_transform, decompose
 from ._typing import ChannelMode, SiteDims
 
 __all__ = ["MPSCompress"]
@@ -45,6 +45,9 @@ class MPSCompress(Transform):
             ``"int4"``; default ``"int8"`` with ``bytes_ratio``, else none), so the output shows what a core
             file would hold.
         dtype: Math dtype, ``torch.float32`` or ``torch.float64``.
+        domain: ``"pixels"`` or ``"dct"`` (see :func:`mpsdata.decompose`).
+        colour: ``"rgb"`` or ``"ycc"`` (luma/chroma, 3-channel images; see :func:`mpsdata.decompose`).
+        luma_share: Luma's share of the budget with ``colour="ycc"`` and ``channel_mode="separate"``.
 
     Example:
         >>> import torch
@@ -71,6 +74,9 @@ class MPSCompress(Transform):
         channel_mode: ChannelMode = "site",
         core_dtype: str | None = None,
         dtype: torch.dtype | None = None,
+        domain: str | None = None,
+        colour: str | None = None,
+        luma_share: float | None = None,
     ) -> None:
         super().__init__()
         check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
@@ -79,6 +85,7 @@ class MPSCompress(Transform):
             raise ValueError(f"channel_mode must be 'separate' or 'site', got {channel_mode!r}")
         if dtype not in (None, torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        check_transform(domain, colour, luma_share, channel_mode, isinstance(site_dims, str) and site_dims == "auto")
         self.ratio = ratio
         self.bytes_ratio = bytes_ratio
         self.bond_dims = None if bond_dims is None else tuple(bond_dims)
@@ -89,6 +96,9 @@ class MPSCompress(Transform):
         self.channel_mode = channel_mode
         self.core_dtype = core_dtype
         self.dtype = dtype
+        self.domain = domain
+        self.colour = colour
+        self.luma_share = luma_share
 
     def _options(self) -> dict[str, Any]:
         return {
@@ -102,6 +112,9 @@ class MPSCompress(Transform):
             "channel_mode": self.channel_mode,
             "core_dtype": self.core_dtype,
             "dtype": self.dtype,
+            "domain": self.domain,
+            "colour": self.colour,
+            "luma_share": self.luma_share,
         }
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:

@@ -21,7 +21,13 @@ from fakes import fake_images, write_cifar, write_mnist
 
 import mpsdata
 from mpsdata import _archive
-from mpsdata._archive import FORMAT_VERSION, MAX_FORMAT_VERSION, CoreFile, iterate_batches, write_core_file
+from mpsdata._archive import (
+    FORMAT_VERSION,
+    MAX_FORMAT_VERSION,
+    CoreFile,
+    iterate_batches,
+    write_core_file,
+)
 from mpsdata._layout import make_layout
 from mpsdata.datasets import _base
 

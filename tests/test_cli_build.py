@@ -34,6 +34,8 @@ INFO_KEYS = {
     "image_shape",
     "classes",
     "layout",
+    "domain",
+    "colour",
     "bond_dims",
     "terms",
     "core_dtype",

@@ -279,8 +279,8 @@ def test_invalid_options_raise(fashion_fake) -> None:
         mpsdata.MPSFashionMNIST(root, ratio=0.3, bytes_ratio=0.3)
     with pytest.raises(ValueError, match="too small for any int8 MPS"):
         mpsdata.MPSFashionMNIST(root, bytes_ratio=0.01)
-    with pytest.raises(ValueError, match="auto.*not yet for datasets"):
-        mpsdata.MPSFashionMNIST(root, site_dims="auto")
+    with pytest.raises(ValueError, match="auto.*ratio or bytes_ratio"):
+        mpsdata.MPSFashionMNIST(root, site_dims="auto", max_bond=4)
     with pytest.raises(ValueError):
         mpsdata.MPSFashionMNIST(root, ratio=0.3, max_bond=4)
     with pytest.raises(ValueError):

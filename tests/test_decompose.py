@@ -718,10 +718,10 @@ def test_auto_site_dims_picks_the_best_layout_on_the_sample() -> None:
     for budget in ({"ratio": 0.3}, {"bytes_ratio": 0.3}):
         auto = mpsdata.decompose(x, site_dims="auto", **budget)
         found = _quant.search_layout(
-            x.double(), 4 * 0.3 if "ratio" in budget else 0.3, "float32" if "ratio" in budget else "int8",
-            domains=("pixels",),
+            x, 4 * 0.3 if "ratio" in budget else 0.3, "float32" if "ratio" in budget else "int8",
         )  # fmt: skip
-        assert auto.site_dims == found["best"]["layout"]
+        assert (auto.site_dims, auto.domain) == (found["best"]["layout"], found["best"]["domain"])
+        assert auto.search["best"]["psnr"] == pytest.approx(found["best"]["psnr"], abs=1e-9)
         psnr = {}
         for name, m in (("auto", auto), ("default", mpsdata.decompose(x, **budget))):
             mse = (m.reconstruct(torch.uint8).double() - x.double()).square().flatten(1).mean(1)

@@ -257,6 +257,7 @@ _SETTINGS: list[dict[str, Any]] = [
     {"ratio": 0.6, "residual": 1, "site_dims": [4, 8, 8], "channel_mode": "separate", "dtype": torch.float64},
     {"bond_dims": [3, 4, 3], "max_bond": 3, "tol": 0.1, "site_dims": [(2, 2), (2, 2), (4, 4)]},  # + channel site
     {"bytes_ratio": 0.5, "core_dtype": "int4", "site_dims": [16, 16]},
+    {"bytes_ratio": 0.6, "channel_mode": "separate", "domain": "dct", "colour": "ycc", "luma_share": 0.6},
 ]
 
 

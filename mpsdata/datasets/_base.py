@@ -16,7 +16,7 @@ from torchvision.datasets import VisionDataset
 from .._archive import CORE_DTYPES, DEFAULT_COMPRESSION, CoreFile, filter_options, settings_key, write_core_file
 from .._errors import MPSDataError
 from .._layout import make_layout
-from .._mps import _solve_bonds, check_budget
+from .._mps import _from_candidate, _solve_bonds, check_budget, check_transform, search
 from .._typing import ChannelMode, SiteDims
 from ..download import fetch_published
 
@@ -28,6 +28,9 @@ DEFAULT_RATIO = 0.4
 #: Fashion-MNIST up to bytes_ratio 0.25 but loses 6.5-14.7 dB on colour photos at every budget, so no budget rule).
 DEFAULT_CORE_DTYPE = "float16"
 _BUILD_BATCH = 2048
+#: Images ``site_dims="auto"`` searches on: a seeded random sample spread over the split.
+AUTO_SAMPLE = 256
+AUTO_SEED = 0
 
 
 @dataclass
@@ -57,7 +60,12 @@ class MPSVisionDataset(VisionDataset):
     wins only on simple grey images at small budgets, docs/bytes.md); ``compression`` the
     HDF5 filter of the core file (``"gzip"``, the default, ``"lzf"``, ``"zstd"`` with hdf5plugin, or ``None``);
     ``archive_dir`` where core files live; ``bias=True`` serves the images with the residual bias stored by
-    :func:`mpsdata.distill.save_bias` (and counts it in ``ratio`` and ``bytes_ratio``). With ``download=True`` a
+    :func:`mpsdata.distill.save_bias` (and counts it in ``ratio`` and ``bytes_ratio``). ``domain`` (``"pixels"`` or
+    ``"dct"``), ``colour`` (``"rgb"`` or ``"ycc"``, colour images) and ``luma_share`` are :func:`mpsdata.decompose`'s;
+    the core file records the domain and colour and readers invert them. ``site_dims="auto"`` searches the layout,
+    domain and colour (those not given) on a seeded random sample of :data:`AUTO_SAMPLE` images of the split when
+    the file is built (:func:`mpsdata._mps.search`); the file is named after the request ``"auto"`` and stores the
+    choice (``layout``, ``domain``, ``colour`` and ``search`` attributes, docs/format.md). With ``download=True`` a
     pre-compressed core file published for exactly these settings is fetched first (from ``mirrors``,
     ``MPSDATA_MIRROR`` or the shipped manifest, see docs/hosting.md); only when none is published is the raw data
     downloaded and compressed here.
@@ -88,17 +96,23 @@ class MPSVisionDataset(VisionDataset):
         archive_dir: str | os.PathLike | None = None,
         mirrors: str | Sequence[str] | None = None,
         bias: bool = False,
+        domain: str | None = None,
+        colour: str | None = None,
+        luma_share: float | None = None,
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
         if ratio is None and bytes_ratio is None and bond_dims is None and max_bond is None and tol is None:
             ratio = DEFAULT_RATIO
         check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
-        if isinstance(site_dims, str) and site_dims == "auto":
-            raise ValueError(
-                "site_dims='auto' works in mpsdata.decompose and MPSCompress, not yet for datasets (the file name "
-                "needs the layout before the raw data is read); pick one with decompose(sample, ..., "
-                "site_dims='auto').layout.site_dims and pass it as site_dims"
-            )
+        auto = isinstance(site_dims, str) and site_dims == "auto"
+        if channel_mode not in ("separate", "site"):
+            raise ValueError(f"channel_mode must be 'separate' or 'site', got {channel_mode!r}")
+        check_transform(domain, colour, luma_share, channel_mode, auto)
+        if auto and ratio is None and bytes_ratio is None:
+            raise ValueError("site_dims='auto' searches layouts at a ratio or bytes_ratio budget; give one of them")
+        if colour == "ycc" and self.image_shape[0] != 3:
+            channels = self.image_shape[0]
+            raise ValueError(f"colour='ycc' takes colour images; {type(self).__name__} has {channels} channel(s)")
         if core_dtype is None:
             core_dtype = "int8" if bytes_ratio is not None else DEFAULT_CORE_DTYPE
         if core_dtype not in CORE_DTYPES:
@@ -115,6 +129,9 @@ class MPSVisionDataset(VisionDataset):
             "site_dims": _jsonable_sites(site_dims),
             "channel_mode": channel_mode,
         }
+        # Only options that were given join the settings: files of the defaults keep their names.
+        given = {"domain": domain, "colour": colour, "luma_share": luma_share}
+        self._options.update({k: v for k, v in given.items() if v is not None})
         self._split = split
         self._mirrors = mirrors
         self._archive_dir = Path(archive_dir) if archive_dir is not None else self._default_archive_dir()
@@ -156,17 +173,22 @@ class MPSVisionDataset(VisionDataset):
     # -- building -----------------------------------------------------------------------------------------
     def _settings(self, core_dtype: str) -> dict[str, Any]:
         channels, height, width = self.image_shape
-        layout = make_layout(height, width, channels, self._options["site_dims"], self._options["channel_mode"])
-        terms = self._options["residual"] + 1
-        budget = {k: self._options[k] for k in ("ratio", "bond_dims", "max_bond", "tol", "bytes_ratio")}
-        bonds, _ = _solve_bonds(layout, terms=terms, core_dtype=core_dtype, **budget)
+        described, bonds = "auto", None  # site_dims="auto": the search decides when the file is built
+        if self._options["site_dims"] != "auto":
+            layout = make_layout(height, width, channels, self._options["site_dims"], self._options["channel_mode"])
+            terms = self._options["residual"] + 1
+            budget = {k: self._options[k] for k in ("ratio", "bond_dims", "max_bond", "tol", "bytes_ratio")}
+            bonds, _ = _solve_bonds(layout, terms=terms, core_dtype=core_dtype, **budget)
+            described = layout.describe()
+            if self._options.get("colour") == "ycc" and self._options["channel_mode"] == "separate":
+                bonds = None  # luma and chroma take shares of the budget: decompose solves both
         return {
             "dataset": type(self).__name__,
             "split": self._split,
             "image_shape": list(self.image_shape),
             **self._options,
-            "layout": layout.describe(),
-            "resolved_bond_dims": list(bonds) if self._options["tol"] is None else None,
+            "layout": described,
+            "resolved_bond_dims": list(bonds) if self._options["tol"] is None and bonds is not None else None,
             "core_dtype": core_dtype,
             "compression": self._compression,
         }
@@ -185,18 +207,46 @@ class MPSVisionDataset(VisionDataset):
         if tuple(source.image_shape) != tuple(self.image_shape):
             raise MPSDataError(f"raw images have shape {source.image_shape}, expected {self.image_shape}")
         channels = source.image_shape[0]
+        options, found = dict(self._options), None
+        if options["site_dims"] == "auto":
+            found = self._search(source, core_dtype)
+            site_dims, domain, colour, luma_share = _from_candidate(found, options["channel_mode"])
+            resolved = {"domain": domain, "colour": colour, "luma_share": luma_share}
+            options.update(site_dims=_jsonable_sites(site_dims), **{k: v for k, v in resolved.items() if v is not None})
         write_core_file(
             path,
             source.batches(_BUILD_BATCH),
             num_samples=source.num_samples,
             image_shape=source.image_shape,
             image_mode=self.image_mode,
-            options=self._options,
+            options=options,
             core_dtype=core_dtype,
             compression=self._compression,
             settings=settings,
             meta={"classes": source.classes, "source": source.identity, "channels": channels},
+            search=found,
         )
+
+    def _search(self, source: RawSource, core_dtype: str) -> dict[str, Any]:
+        """``site_dims="auto"``: search on a seeded random sample spread over the split (one pass over the data)."""
+        count = min(AUTO_SAMPLE, source.num_samples)
+        if count == 0:
+            raise ValueError("cannot build a core file from an empty dataset")
+        wanted = np.sort(np.random.default_rng(AUTO_SEED).choice(source.num_samples, count, replace=False))
+        picked, start = [], 0
+        for images, _ in source.batches(_BUILD_BATCH):
+            stop = start + images.shape[0]
+            inside = wanted[(wanted >= start) & (wanted < stop)] - start
+            if inside.size:
+                picked.append(torch.as_tensor(images)[torch.from_numpy(inside)])
+            start = stop
+        sample = torch.cat(picked)
+        options = self._options
+        return search(
+            sample, ratio=options["ratio"], bytes_ratio=options["bytes_ratio"], core_dtype=core_dtype,
+            residual=options["residual"], channel_mode=options["channel_mode"], domain=options.get("domain"),
+            colour=options.get("colour"), luma_share=options.get("luma_share"),
+        )  # fmt: skip
 
     # -- the dataset ----------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -26,7 +26,8 @@ class MPSCIFAR10(TrainTestDataset):
         target_transform: Transform of the target.
         download: Fetch the raw archive through torchvision when it is missing.
         **options: Keyword-only MPS options: ``ratio`` (default 0.4), ``bond_dims``, ``max_bond``, ``tol``,
-            ``residual``, ``site_dims``, ``channel_mode``, ``core_dtype``, ``archive_dir``.
+            ``residual``, ``site_dims`` (``"auto"`` searched), ``channel_mode``, ``core_dtype``, ``archive_dir``,
+            ``domain``, ``colour``, ``luma_share`` (see :class:`~mpsdata.datasets.MPSVisionDataset`).
 
     Attributes:
         data: uint8 array ``(N, 32, 32, 3)`` of the decoded images (decoded on first access).
