@@ -90,6 +90,10 @@ def test_decode_one_and_indices_equal_batch(toy) -> None:
     assert torch.equal(cores.decode([n - 1, 0, n - 1]), full[[n - 1, 0, n - 1]])
     assert torch.equal(cores.decode([-1, -n]), full[[n - 1, 0]])
     assert cores.decode([]).shape == (0, 1, 28, 28)
+    np.testing.assert_array_equal(cores.decode_one(-1), full[n - 1, 0].numpy())
+    for bad in (n, -n - 1):
+        with pytest.raises(IndexError, match="out of range"):
+            cores.decode_one(bad)
     for bad in ([n], [-n - 1]):
         with pytest.raises(IndexError, match="out of range"):
             cores.decode(bad)
