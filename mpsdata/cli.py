@@ -307,7 +307,8 @@ def _show(args: argparse.Namespace) -> int:
     stored = cores.decode(np.arange(count)).numpy()  # (n, C, H, W)
     originals = _originals(cores, args.root, count) if args.root is not None else None
     # A shared-codec file has no chain of its own: its entropies are those of the default MPS layout.
-    layout = make_layout(*stored.shape[2:], stored.shape[1], None, "site") if shared else cores.geometry.layout
+    channels, height, width = stored.shape[1:]
+    layout = make_layout(height, width, channels, None, "site") if shared else cores.geometry.layout
     site_dims = layout.spatial_sites
     mode = "site" if layout.channel_site else "separate"
     import torch
