@@ -372,6 +372,7 @@ class SharedCoreFile:
         """
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} images")
+        index %= self.num_samples  # offsets hold N + 1 entries: offsets[-1] is the end, not image N - 1
         if self._memory is None and int(self.offsets[-1]) > IN_MEMORY_LIMIT:
             image = self.decode([index])[0].numpy()
         else:
