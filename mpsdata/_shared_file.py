@@ -206,8 +206,24 @@ def _codec_from(f: h5py.File, path: Path) -> SharedCodec:
         raise MPSDataError(f"core file {path}: /shared/group_classes names a context beyond the {freq.shape[0]} tables")
     try:
         codec = SharedCodec.from_state(arrays, settings)
+        c, h, w = codec.shape
+        area = codec.block * codec.block
+        k = area if codec.basis is None else codec.basis.shape[1]
+        ok = (
+            min(c, h, w, codec.block) > 0
+            and h % codec.block == 0
+            and w % codec.block == 0
+            and codec.mean.shape == (c, area)
+            and (codec.basis is None or (codec.basis.shape[0] == c and codec.basis.shape[2] == area and k <= area))
+            and codec.step > 0
+        )
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
         raise MPSDataError(f"core file {path}: the stored shared part is malformed ({error})") from None
+    if not ok:
+        raise MPSDataError(
+            f"core file {path}: the stored shared part does not fit images of shape {codec.shape} (block "
+            f"{codec.block}, mean {codec.mean.shape}, basis {None if codec.basis is None else codec.basis.shape})"
+        )
     return codec
 
 
@@ -260,6 +276,9 @@ class SharedCoreFile:
         self.image_mode = str(f.attrs["image_mode"])
         self.content_sha256 = str(f.attrs["content_sha256"])
         self.codec = _codec_from(f, self.path)
+        if list(self.codec.shape) != self.settings.get("image_shape", list(self.codec.shape)):
+            raise MPSDataError(f"core file {self.path}: the shared part is for images {self.codec.shape}, the settings "
+                               f"say {self.settings.get('image_shape')}")  # fmt: skip
         self.targets = torch.from_numpy(_checked(f, "targets"))
         self.mse = torch.from_numpy(_checked(f, "mse"))
         offsets = _checked(f, "offsets").astype(np.int64)

@@ -241,6 +241,14 @@ def test_inconsistent_offsets_are_refused(copy_of: Path) -> None:
         SharedCoreFile(copy_of)
 
 
+def test_malformed_shared_part_is_refused(copy_of: Path) -> None:
+    with h5py.File(copy_of, "r+", locking=False) as f:
+        settings = json.loads(f.attrs["codec_settings"])
+        f.attrs["codec_settings"] = json.dumps({**settings, "block": 7})  # the mean holds 4x4 blocks
+    with pytest.raises(mpsdata.MPSDataError, match="does not fit images of shape"):
+        SharedCoreFile(copy_of)
+
+
 # -- datasets --------------------------------------------------------------------------------------------------------
 def test_test_split_projects_onto_the_train_fit(fashion_shared) -> None:
     root, splits, train, test = fashion_shared
@@ -398,7 +406,7 @@ def test_real_fashion_file_at_a_budget(fashion_images: torch.Tensor, tmp_path: P
     assert float(measured.mean()) > 28
 
 
-@pytest.mark.slow  # ~10-25 s: search_shared tries every transform and block size
+@pytest.mark.slow  # 5-25 s (idle to loaded machine): search_shared tries every transform and block size
 def test_real_fashion_slice_at_a_budget(fashion_dir: Path, tmp_path: Path) -> None:
     """1,000 real training and 250 test images: the train fit meets the budget, the test split keeps to it within
     10 % and decodes to what the train codec makes of the raw test images."""
