@@ -343,6 +343,8 @@ def test_invalid_options_raise(fashion_shared, options: dict, fragment: str) -> 
     with pytest.raises(ValueError) as info:
         mpsdata.MPSFashionMNIST(fashion_shared[0], **options)
     assert fragment in str(info.value)
+    with pytest.raises(TypeError, match="codec must be a string"):
+        mpsdata.MPSFashionMNIST(fashion_shared[0], codec=None)
 
 
 def test_budget_too_small_names_the_file(tmp_path: Path) -> None:

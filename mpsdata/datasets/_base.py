@@ -68,7 +68,7 @@ class MPSVisionDataset(VisionDataset):
     ``bytes_ratio`` is then its only budget, see docs/format.md); ``archive_dir`` where core files live;
     ``bias=True`` serves the images with the residual bias stored by :func:`mpsdata.distill.save_bias` (and counts
     it in ``ratio`` and ``bytes_ratio``). With ``download=True`` a
-    pre-compressed core file published for exactly these settings is fetched first (from ``mirrors``,
+    pre-compressed core file (MPS cores only) published for exactly these settings is fetched first (from ``mirrors``,
     ``MPSDATA_MIRROR`` or the shipped manifest, see docs/hosting.md); only when none is published is the raw data
     downloaded and compressed here.
     """
@@ -101,6 +101,8 @@ class MPSVisionDataset(VisionDataset):
         codec: str = "mps",
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
+        if not isinstance(codec, str):
+            raise TypeError(f"codec must be a string, one of {CODECS}; got {type(codec).__name__}")
         if codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
         self._codec = codec
