@@ -54,6 +54,8 @@ __all__ = [
     "TRANSFORM_FORMAT_VERSION",
     "CoreFile",
     "check_header",
+    "check_settings",
+    "open_core_file",
     "write_core_file",
     "settings_key",
 ]
@@ -389,10 +391,11 @@ def _decode_packed(packed: torch.Tensor, layout: Layout, bonds, groups: int, ter
     return images if plain else to_uint8(inverse_transform(images, domain, colour))
 
 
-def _hash_datasets(f: h5py.File, write: bool) -> str:
-    """sha256 of every dataset (stored as its attribute when ``write``) and of all of them in order."""
+def _hash_datasets(f: h5py.File, write: bool, names: list[str] | None = None) -> str:
+    """sha256 of every dataset (stored as its attribute when ``write``) and of all of them in order; ``names``
+    lists them for a file that is not of MPS cores (default: :func:`_dataset_names`)."""
     total = hashlib.sha256()
-    for name in _dataset_names(f):
+    for name in _dataset_names(f) if names is None else names:
         ds = f[name]
         digest = hashlib.sha256()
         for start in range(0, ds.shape[0], _HASH_BLOCK):
@@ -527,6 +530,38 @@ def _check_layout(text: Any, settings: dict[str, Any] | None) -> None:
         )
 
 
+def check_settings(path: Path, found: dict[str, Any], expected: dict[str, Any] | None) -> None:
+    """Refuse a file built with other settings than requested, naming every difference."""
+    if expected is not None and expected != found:
+        differences = {
+            key: (found.get(key), expected.get(key))
+            for key in sorted(set(found) | set(expected))
+            if found.get(key) != expected.get(key)
+        }
+        raise MPSDataError(
+            f"core file {path} was built with other settings than requested "
+            f"(setting: (in file, requested)) {differences}; delete it to rebuild, or ask for its settings"
+        )
+
+
+def open_core_file(path: str | os.PathLike, expected_settings: dict[str, Any] | None = None) -> Any:
+    """Open a core file of either kind: MPS cores (:class:`CoreFile`) or the shared codec
+    (:class:`mpsdata._shared_file.SharedCoreFile`), told apart by the root attribute ``codec``."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            codec = f.attrs.get("codec", "mps")
+    except OSError:
+        codec = "mps"  # missing or not HDF5: CoreFile raises its own message
+    if codec == "shared":
+        from ._shared_file import SharedCoreFile
+
+        return SharedCoreFile(path, expected_settings)
+    if codec != "mps":
+        raise MPSDataError(f"core file {path} holds codec {_short(codec)}, unknown to this mpsdata; upgrade mpsdata")
+    return CoreFile(path, expected_settings)
+
+
 @dataclass(frozen=True)
 class _Geometry:
     layout: Layout
@@ -563,16 +598,7 @@ class CoreFile:
                 f"core file {self.path} is truncated, corrupted or not a core file ({error}); "
                 "delete it to rebuild it, or check it with `mpsdata verify`"
             ) from None
-        if expected_settings is not None and expected_settings != self.settings:
-            differences = {
-                key: (self.settings.get(key), expected_settings.get(key))
-                for key in sorted(set(self.settings) | set(expected_settings))
-                if self.settings.get(key) != expected_settings.get(key)
-            }
-            raise MPSDataError(
-                f"core file {self.path} was built with other settings than requested "
-                f"(setting: (in file, requested)) {differences}; delete it to rebuild, or ask for its settings"
-            )
+        check_settings(self.path, self.settings, expected_settings)
         self._pid: int | None = None
         self._h5: h5py.File | None = None
         self._memory: np.ndarray | None = None
@@ -581,6 +607,10 @@ class CoreFile:
     def _read_metadata(self, f: h5py.File) -> None:
         if f.attrs.get("format") != FORMAT:
             raise MPSDataError(f"{self.path} is not an mpsdata core file (format attribute {f.attrs.get('format')!r})")
+        if "codec" in f.attrs:
+            raise MPSDataError(
+                f"{self.path} holds codec {_short(f.attrs['codec'])}, not MPS cores; open it with open_core_file"
+            )
         version = int(f.attrs["format_version"])
         if version > MAX_FORMAT_VERSION:
             raise MPSDataError(

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION, help="HDF5 filter of the core file"
     )
     build.add_argument("--image-size", type=int, help="(imagenet, imagefolder) side of the stored images")
+    build.add_argument(
+        "--codec",
+        choices=("mps", "shared"),
+        default="mps",
+        help="per-image MPS cores, or the shared representation fitted on the training split (needs --bytes-ratio)",
+    )
     build.set_defaults(handler=_build)
 
     info = commands.add_parser("info", help="settings, counts, ratios and quality of a core file")
@@ -141,6 +147,11 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     }
     given = {"domain": args.domain, "colour": args.colour, "luma_share": args.luma_share}
     options.update({k: v for k, v in given.items() if v is not None})
+    if args.codec == "shared":  # what the user left unset stays unset: the dataset refuses MPS options
+        options = {key: value for key, value in options.items() if value is not None}
+        if not args.residual:
+            options.pop("residual")
+        options["codec"] = "shared"
     if args.image_size is not None:
         if args.dataset not in ("imagenet", "imagefolder"):
             raise ValueError("--image-size applies to imagenet and imagefolder only")
@@ -191,9 +202,11 @@ def _copy_raw(dataset: str, raw: Path, root: Path) -> None:
 
 
 def _summary(path: Path) -> dict[str, Any]:
-    from ._archive import CoreFile
+    from ._archive import open_core_file
 
-    cores = CoreFile(path)
+    cores = open_core_file(path)
+    if getattr(cores, "codec_name", "mps") == "shared":
+        return _shared_summary(cores)
     g = cores.geometry
     values = math.prod(cores.settings["image_shape"])
     ranks = cores.ranks.double()
@@ -228,10 +241,48 @@ def _summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _shared_summary(cores) -> dict[str, Any]:
+    values = math.prod(cores.settings["image_shape"])
+    mse = cores.mse.double().clamp_min(1e-10)
+    import torch
+
+    return {
+        "file": str(cores.path),
+        "format_version": cores.format_version,
+        "codec": "shared",
+        "dataset": cores.settings["dataset"],
+        "split": cores.settings["split"],
+        "images": cores.num_samples,
+        "image_shape": cores.settings["image_shape"],
+        "classes": len(cores.meta["classes"]),
+        "shared_codec": cores.codec.describe(),
+        "shared_fit": cores.meta.get("shared_fit", {}),
+        "shared_nbytes": cores.shared_nbytes,
+        "bytes_ratio": cores.nbytes / max(1, cores.num_samples * values),
+        "amortised_bytes_ratio": cores.amortised_bytes_ratio,
+        "file_bytes": cores.nbytes,
+        "psnr_db": float((10 * torch.log10(255.0**2 / mse)).mean()) if cores.num_samples else None,
+        "settings": cores.settings,
+        "source": cores.meta.get("source", {}),
+        "content_sha256": cores.content_sha256,
+    }
+
+
 def _info(args: argparse.Namespace) -> int:
     summary = _summary(args.file)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    if summary.get("codec") == "shared":
+        for key in ("file", "dataset", "split", "images", "image_shape", "classes", "codec", "shared_codec"):
+            print(f"{key:>14}: {summary[key]}")
+        fit = summary["shared_fit"]
+        print(f"{'shared_fit':>14}: {fit.get('split')} split, {fit.get('images')} images")
+        print(f"{'shared_bytes':>14}: {summary['shared_nbytes']}")
+        print(f"{'bytes_ratio':>14}: {summary['bytes_ratio']:.4f} (file bytes / raw uint8 bytes)")
+        print(f"{'amortised':>14}: {summary['amortised_bytes_ratio']:.4f} (per-image bytes + shared part / fit images)")
+        print(f"{'psnr':>14}: {summary['psnr_db']:.2f} dB (every stored image against its original)")
+        print(f"{'content':>14}: sha256 {summary['content_sha256']}")
         return 0
     keys = ("file", "dataset", "split", "images", "image_shape", "classes", "layout", "domain", "colour", "bond_dims")
     for key in (*keys, "terms"):
@@ -245,9 +296,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from ._archive import CoreFile
+    from ._archive import open_core_file
 
-    report = CoreFile(args.file).verify()
+    report = open_core_file(args.file).verify()
     print(f"OK: {report['images']} images decoded, every checksum matches ({report['path']})")
     return 0
 
@@ -260,14 +311,18 @@ def _show(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("mpsdata show needs matplotlib: pip install matplotlib") from None
-    from ._archive import CoreFile
+    from ._archive import open_core_file
+    from ._layout import make_layout
     from ._mps import entanglement_entropy
 
-    cores = CoreFile(args.file)
+    cores = open_core_file(args.file)
+    shared = getattr(cores, "codec_name", "mps") == "shared"
     count = max(1, min(args.count, cores.num_samples))
     stored = cores.decode(np.arange(count)).numpy()  # (n, C, H, W)
     originals = _originals(cores, args.root, count) if args.root is not None else None
-    layout = cores.geometry.layout
+    # A shared-codec file has no chain of its own: its entropies are those of the default MPS layout.
+    channels, height, width = stored.shape[1:]
+    layout = make_layout(height, width, channels, None, "site") if shared else cores.geometry.layout
     site_dims = layout.spatial_sites
     mode = "site" if layout.channel_site else "separate"
     import torch
@@ -302,7 +357,11 @@ def _show(args: argparse.Namespace) -> int:
     ax.set_xticks(bonds)
     ax.legend()
     summary = _summary(args.file)
-    fig.suptitle(f"{summary['dataset']} {summary['split']}: {layout.describe()}, ratio {summary['ratio']:.3f}")
+    if shared:
+        fig.suptitle(f"{summary['dataset']} {summary['split']}: shared codec {summary['shared_codec']}, bytes ratio "
+                     f"{summary['bytes_ratio']:.3f}; entropies on {layout.describe()}")  # fmt: skip
+    else:
+        fig.suptitle(f"{summary['dataset']} {summary['split']}: {layout.describe()}, ratio {summary['ratio']:.3f}")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
@@ -320,10 +379,13 @@ def _originals(cores, root: Path, count: int) -> np.ndarray:
     cls = getattr(mpsdata, name, None)
     if cls is None:
         raise ValueError(f"unknown dataset {name!r} in {cores.path}")
-    keys = ("ratio", "bytes_ratio", "bond_dims", "max_bond", "tol", "residual", "site_dims", "channel_mode")
-    options = {k: settings.get(k) for k in keys}
-    options.update({k: settings[k] for k in ("domain", "colour", "luma_share") if k in settings})
-    options["core_dtype"] = settings["core_dtype"]
+    if settings.get("codec") == "shared":
+        options = {"codec": "shared", "bytes_ratio": settings["bytes_ratio"]}
+    else:
+        keys = ("ratio", "bytes_ratio", "bond_dims", "max_bond", "tol", "residual", "site_dims", "channel_mode")
+        options = {k: settings.get(k) for k in keys}
+        options.update({k: settings[k] for k in ("domain", "colour", "luma_share") if k in settings})
+        options["core_dtype"] = settings["core_dtype"]
     options["compression"] = settings.get("compression", "none")
     options["archive_dir"] = cores.path.parent
     if name in ("MPSImageFolder", "MPSImageNet"):

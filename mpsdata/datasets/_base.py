@@ -13,7 +13,14 @@ import PIL.Image
 import torch
 from torchvision.datasets import VisionDataset
 
-from .._archive import CORE_DTYPES, DEFAULT_COMPRESSION, CoreFile, filter_options, settings_key, write_core_file
+from .._archive import (
+    CORE_DTYPES,
+    DEFAULT_COMPRESSION,
+    filter_options,
+    open_core_file,
+    settings_key,
+    write_core_file,
+)
 from .._errors import MPSDataError
 from .._layout import make_layout
 from .._mps import _from_candidate, _solve_bonds, check_budget, check_transform, search
@@ -31,6 +38,8 @@ _BUILD_BATCH = 2048
 #: Images ``site_dims="auto"`` searches on: a seeded random sample spread over the split.
 AUTO_SAMPLE = 256
 AUTO_SEED = 0
+#: Storage of the images: per-image MPS cores, or the dataset-level shared representation (docs/format.md).
+CODECS = ("mps", "shared")
 
 
 @dataclass
@@ -59,14 +68,17 @@ class MPSVisionDataset(VisionDataset):
     (``"float16"``, ``"float32"``, ``"int8"`` or ``"int4"``; default float16, or int8 with ``bytes_ratio``: int4
     wins only on simple grey images at small budgets, docs/bytes.md); ``compression`` the
     HDF5 filter of the core file (``"gzip"``, the default, ``"lzf"``, ``"zstd"`` with hdf5plugin, or ``None``);
-    ``archive_dir`` where core files live; ``bias=True`` serves the images with the residual bias stored by
-    :func:`mpsdata.distill.save_bias` (and counts it in ``ratio`` and ``bytes_ratio``). ``domain`` (``"pixels"`` or
-    ``"dct"``), ``colour`` (``"rgb"`` or ``"ycc"``, colour images) and ``luma_share`` are :func:`mpsdata.decompose`'s;
-    the core file records the domain and colour and readers invert them. ``site_dims="auto"`` searches the layout,
-    domain and colour (those not given) on a seeded random sample of :data:`AUTO_SAMPLE` images of the split when
-    the file is built (:func:`mpsdata._mps.search`); the file is named after the request ``"auto"`` and stores the
-    choice (``layout``, ``domain``, ``colour`` and ``search`` attributes, docs/format.md). With ``download=True`` a
-    pre-compressed core file published for exactly these settings is fetched first (from ``mirrors``,
+    ``codec="shared"`` stores the split with the dataset-level shared representation instead of MPS cores (a
+    shared block basis and entropy model fitted on the training split, a small entropy-coded core per image;
+    ``bytes_ratio`` is then its only budget, see docs/format.md); ``archive_dir`` where core files live;
+    ``bias=True`` serves the images with the residual bias stored by :func:`mpsdata.distill.save_bias` (and counts
+    it in ``ratio`` and ``bytes_ratio``). ``domain`` (``"pixels"`` or ``"dct"``), ``colour`` (``"rgb"`` or
+    ``"ycc"``, colour images) and ``luma_share`` are :func:`mpsdata.decompose`'s; the core file records the domain
+    and colour and readers invert them. ``site_dims="auto"`` searches the layout, domain and colour (those not
+    given) on a seeded random sample of :data:`AUTO_SAMPLE` images of the split when the file is built
+    (:func:`mpsdata._mps.search`); the file is named after the request ``"auto"`` and stores the choice
+    (``layout``, ``domain``, ``colour`` and ``search`` attributes, docs/format.md). With ``download=True`` a
+    pre-compressed core file (MPS cores only) published for exactly these settings is fetched first (from ``mirrors``,
     ``MPSDATA_MIRROR`` or the shipped manifest, see docs/hosting.md); only when none is published is the raw data
     downloaded and compressed here.
     """
@@ -99,11 +111,24 @@ class MPSVisionDataset(VisionDataset):
         domain: str | None = None,
         colour: str | None = None,
         luma_share: float | None = None,
+        codec: str = "mps",
     ) -> None:
         super().__init__(root, transform=transform, target_transform=target_transform)
-        if ratio is None and bytes_ratio is None and bond_dims is None and max_bond is None and tol is None:
+        if not isinstance(codec, str):
+            raise TypeError(f"codec must be a string, one of {CODECS}; got {type(codec).__name__}")
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+        self._codec = codec
+        if codec == "shared":
+            _check_shared_options(bytes_ratio, ratio, bond_dims, max_bond, tol, residual, site_dims, channel_mode,
+                                  core_dtype, bias)  # fmt: skip
+        elif ratio is None and bytes_ratio is None and bond_dims is None and max_bond is None and tol is None:
             ratio = DEFAULT_RATIO
-        check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
+        if codec == "mps":
+            check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
+        elif domain is not None or colour is not None or luma_share is not None:
+            raise ValueError("domain, colour and luma_share are options of MPS cores; codec='shared' chooses its own "
+                             "transform and colour handling, so leave them unset")  # fmt: skip
         auto = isinstance(site_dims, str) and site_dims == "auto"
         if channel_mode not in ("separate", "site"):
             raise ValueError(f"channel_mode must be 'separate' or 'site', got {channel_mode!r}")
@@ -135,11 +160,14 @@ class MPSVisionDataset(VisionDataset):
         self._split = split
         self._mirrors = mirrors
         self._archive_dir = Path(archive_dir) if archive_dir is not None else self._default_archive_dir()
-        settings = self._settings(core_dtype)
+        settings = self._settings(core_dtype) if codec == "mps" else self._shared_settings()
         path = self._archive_dir / f"{split}-{settings_key(settings)}.h5"
         if not path.exists():
-            self._build(path, download, settings, core_dtype)
-        self._cores = CoreFile(path, expected_settings=settings)
+            if codec == "mps":
+                self._build(path, download, settings, core_dtype)
+            else:
+                self._build_shared(path, download, settings)
+        self._cores = open_core_file(path, expected_settings=settings)
         self._target_list = [int(t) for t in self._cores.targets.tolist()]
         self.classes = list(self._cores.meta["classes"])
         self._data: Any = None
@@ -170,6 +198,11 @@ class MPSVisionDataset(VisionDataset):
     def _not_found_message(self) -> str:
         return "Dataset not found. You can use download=True to download it"
 
+    def _fit_split_dataset(self, download: bool) -> MPSVisionDataset | None:
+        """With ``codec="shared"``: the dataset of the split the shared part is fitted on (opened, so built or
+        reused), or ``None`` when this split is it. Subclasses with a training split return it for other splits."""
+        return None
+
     # -- building -----------------------------------------------------------------------------------------
     def _settings(self, core_dtype: str) -> dict[str, Any]:
         channels, height, width = self.image_shape
@@ -196,16 +229,7 @@ class MPSVisionDataset(VisionDataset):
     def _build(self, path: Path, download: bool, settings: dict[str, Any], core_dtype: str) -> None:
         if download and fetch_published(settings, path, self._mirrors):
             return  # a published core file for exactly these settings is now at `path`
-        if not self._raw_exists():
-            if download:
-                self._download()
-            if not self._raw_exists():
-                raise RuntimeError(
-                    f"{self._not_found_message()} (no core file {path} and no raw data under {self.root})"
-                )
-        source = self._source()
-        if tuple(source.image_shape) != tuple(self.image_shape):
-            raise MPSDataError(f"raw images have shape {source.image_shape}, expected {self.image_shape}")
+        source = self._raw_source(path, download)
         channels = source.image_shape[0]
         options, found = dict(self._options), None
         if options["site_dims"] == "auto":
@@ -247,6 +271,87 @@ class MPSVisionDataset(VisionDataset):
             residual=options["residual"], channel_mode=options["channel_mode"], domain=options.get("domain"),
             colour=options.get("colour"), luma_share=options.get("luma_share"),
         )  # fmt: skip
+
+    def _raw_source(self, path: Path, download: bool) -> RawSource:
+        """The raw data of this split (downloaded first with ``download``), checked against the expected shape."""
+        if not self._raw_exists():
+            if download:
+                self._download()
+            if not self._raw_exists():
+                raise RuntimeError(
+                    f"{self._not_found_message()} (no core file {path} and no raw data under {self.root})"
+                )
+        source = self._source()
+        if tuple(source.image_shape) != tuple(self.image_shape):
+            raise MPSDataError(f"raw images have shape {source.image_shape}, expected {self.image_shape}")
+        return source
+
+    # -- the shared codec -----------------------------------------------------------------------------------
+    def _shared_settings(self) -> dict[str, Any]:
+        return {
+            "dataset": type(self).__name__,
+            "split": self._split,
+            "image_shape": list(self.image_shape),
+            "codec": "shared",
+            "bytes_ratio": self._options["bytes_ratio"],
+            "compression": self._compression,
+        }
+
+    def _build_shared(self, path: Path, download: bool, settings: dict[str, Any]) -> None:
+        """Fit the shared part on the training split (or take it from that split's file) and encode this split.
+
+        The training split's file holds the fit; every other split opens (building if needed) that file and
+        projects its images onto the same shared part, which its own file stores again so it decodes alone.
+        """
+        from .._shared_file import FIT_SAMPLE_BYTES, fit_for_dataset, write_shared_file
+
+        fit_dataset = self._fit_split_dataset(download)
+        source = self._raw_source(path, download)
+        budget = self._options["bytes_ratio"]
+        if fit_dataset is None:
+            sample = _strided_sample(source, FIT_SAMPLE_BYTES)
+            try:
+                codec = fit_for_dataset(sample, budget, source.num_samples)
+            except ValueError as error:
+                raise ValueError(
+                    f"cannot fit the shared codec for {path} at bytes_ratio={budget} on {sample.shape[0]} images of "
+                    f"shape {tuple(source.image_shape)}: {error}"
+                ) from None
+            fit = {"split": self._split, "images": source.num_samples}
+        else:
+            codec = fit_dataset._cores.codec
+            fit = {
+                "split": fit_dataset._split,
+                "images": len(fit_dataset),
+                "file": fit_dataset.archive.name,
+                "content_sha256": fit_dataset._cores.content_sha256,
+            }
+        fit["codec"] = codec.describe()
+        write_shared_file(
+            path,
+            codec,
+            source.batches(_BUILD_BATCH),
+            num_samples=source.num_samples,
+            image_mode=self.image_mode,
+            compression=self._compression,
+            settings=settings,
+            meta={
+                "classes": source.classes,
+                "source": source.identity,
+                "channels": source.image_shape[0],
+                "shared_fit": fit,
+            },
+        )
+
+    def _other_split_options(self) -> dict[str, Any]:
+        """Keyword options that open another split of this dataset with the same shared-codec settings."""
+        return {
+            "codec": self._codec,
+            "bytes_ratio": self._options["bytes_ratio"],
+            "compression": None if self._compression == "none" else self._compression,
+            "archive_dir": self._archive_dir,
+            "mirrors": self._mirrors,
+        }
 
     # -- the dataset ----------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -300,9 +405,17 @@ class MPSVisionDataset(VisionDataset):
         return self._cores.path
 
     @property
+    def codec(self) -> str:
+        """How the images are stored: ``"mps"`` (per-image cores) or ``"shared"`` (the shared representation)."""
+        return self._codec
+
+    @property
     def ratio(self) -> float:
         """Mean paper compression ratio of the stored images (parameters over pixel values), the residual
-        bias included when the dataset serves it (``bias=True``)."""
+        bias included when the dataset serves it (``bias=True``); NaN with ``codec="shared"``, which has no
+        per-image parameter count (see :attr:`bytes_ratio`)."""
+        if self._codec == "shared":
+            return float("nan")
         g = self._cores.geometry
         ranks = self._cores.ranks.to(torch.float64)  # (N, groups, n - 1)
         ones = torch.ones_like(ranks[..., :1])
@@ -342,6 +455,19 @@ class MPSVisionDataset(VisionDataset):
         return self._data
 
     def extra_repr(self) -> str:
+        if self._codec == "shared":
+            cores = self._cores
+            fit = cores.meta["shared_fit"]
+            return "\n".join(
+                [
+                    f"Split: {self._split.capitalize()}",
+                    f"Codec: shared ({cores.codec.describe()}; fitted on the {fit['split']} split)",
+                    f"Bytes ratio: {self.bytes_ratio:.4f} (core file / raw uint8)",
+                    f"Amortised bytes ratio: {cores.amortised_bytes_ratio:.4f} (byte strings + lengths + shared part "
+                    f"of {cores.shared_nbytes} bytes / {fit['images']} images)",
+                    f"Archive: {self.archive}",
+                ]
+            )
         bias = "" if self._bias is None else f" incl. residual bias ({self._bias.form})"
         return "\n".join(
             [
@@ -356,6 +482,49 @@ class MPSVisionDataset(VisionDataset):
         state = self.__dict__.copy()
         state["_data"] = None  # decoded data is a cache; workers decode what they need
         return state
+
+
+def _check_shared_options(
+    bytes_ratio, ratio, bond_dims, max_bond, tol, residual, site_dims, channel_mode, core_dtype, bias
+) -> None:
+    """``codec="shared"`` takes ``bytes_ratio`` as its budget and none of the MPS options."""
+    if bytes_ratio is None or isinstance(bytes_ratio, bool) or not isinstance(bytes_ratio, (int, float)):
+        raise ValueError(f"codec='shared' needs bytes_ratio= (a number, e.g. 0.2) as its budget, got {bytes_ratio!r}")
+    if not 0 < bytes_ratio < float("inf"):
+        raise ValueError(f"bytes_ratio must be positive and finite, got {bytes_ratio}")
+    given = {
+        "ratio": ratio,
+        "bond_dims": bond_dims,
+        "max_bond": max_bond,
+        "tol": tol,
+        "site_dims": site_dims,
+        "core_dtype": core_dtype,
+    }
+    given = {key: value for key, value in given.items() if value is not None}
+    if residual:
+        given["residual"] = residual
+    if channel_mode != "site":
+        given["channel_mode"] = channel_mode
+    if bias:
+        given["bias"] = bias
+    if given:
+        raise ValueError(
+            f"codec='shared' takes bytes_ratio= as its only budget; {sorted(given)} are options of the MPS codec: "
+            "drop them, or use codec='mps'"
+        )
+
+
+def _strided_sample(source: RawSource, max_bytes: int) -> torch.Tensor:
+    """Every k-th image of a source (all of them when they fit ``max_bytes``), as uint8 ``(n, C, H, W)``."""
+    per_image = max(1, int(np.prod(source.image_shape)))
+    stride = max(1, -(-source.num_samples * per_image // max_bytes))
+    kept, seen = [], 0
+    for images, _ in source.batches(_BUILD_BATCH):
+        images = torch.as_tensor(images)
+        first = (-seen) % stride  # the first index of this batch on the stride
+        kept.append(images[first::stride])
+        seen += images.shape[0]
+    return torch.cat(kept) if kept else torch.empty((0, *source.image_shape), dtype=torch.uint8)
 
 
 def _jsonable_sites(site_dims: SiteDims) -> Any:
@@ -378,3 +547,8 @@ class TrainTestDataset(MPSVisionDataset):
     ) -> None:
         self.train = train
         super().__init__(root, "train" if train else "test", transform, target_transform, download, **options)
+
+    def _fit_split_dataset(self, download: bool) -> MPSVisionDataset | None:
+        if self.train:
+            return None
+        return type(self)(self.root, train=True, download=download, **self._other_split_options())

@@ -181,6 +181,12 @@ class MPSImageNet(MPSImageFolder):
     def _split_name(self) -> str:
         return self._imagenet_split
 
+    def _fit_split_dataset(self, download: bool) -> MPSVisionDataset | None:
+        if self._imagenet_split == "train":
+            return None
+        return type(self)(self.root, split="train", download=download, image_size=self.image_size,
+                          build_workers=self._build_workers, **self._other_split_options())  # fmt: skip
+
     def _default_archive_dir(self) -> Path:
         return Path(self.root) / "mps"
 

@@ -30,7 +30,8 @@ class MPSMNIST(TrainTestDataset):
         download: Fetch the raw files through torchvision when they are missing.
         **options: Keyword-only MPS options: ``ratio`` (default 0.4), ``bond_dims``, ``max_bond``, ``tol``,
             ``residual``, ``site_dims`` (``"auto"`` searched), ``channel_mode``, ``core_dtype``, ``archive_dir``,
-            ``domain``, ``colour``, ``luma_share`` (see :class:`~mpsdata.datasets.MPSVisionDataset`).
+            ``domain``, ``colour``, ``luma_share``; or ``codec="shared"`` with ``bytes_ratio`` (see
+            :class:`~mpsdata.datasets.MPSVisionDataset`).
 
     Attributes:
         data: uint8 tensor ``(N, 28, 28)`` of the decoded images (decoded on first access).
