@@ -138,7 +138,8 @@ def report(results: dict[str, Any]) -> str:
         "| b | arm | bytes ratio | PSNR (dB) | test acc % (seeds) | vs webp (paired) |",
         "|---|---|---|---|---|---|",
     ]
-    for arm in results["arms"].values():
+    order = sorted(results["arms"].values(), key=lambda a: (a["b"] < 1, a["b"], METHODS.index(a["method"])))
+    for arm in order:
         accs = [100 * r["test_acc"] for r in arm["runs"].values()]
         mean = statistics.mean(accs) if accs else float("nan")
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -150,7 +151,7 @@ def report(results: dict[str, Any]) -> str:
             if pairs:
                 d_std = statistics.stdev(pairs) if len(pairs) > 1 else 0.0
                 diff = f"{statistics.mean(pairs):+.2f} ± {d_std:.2f} ({len(pairs)})"
-        psnr_text = "—" if arm["info"].get("psnr") is None else f"{arm['info']['psnr']:.2f}"
+        psnr_text = "lossless" if arm["method"] == "whole" else f"{arm['info']['psnr']:.2f}"
         lines.append(
             f"| {arm['b']:g} | {arm['method']} | {arm['info']['bytes_ratio']:.4f} | {psnr_text} | "
             f"{mean:.2f} ± {std:.2f} ({len(accs)}) | {diff} |"
