@@ -842,7 +842,7 @@ def _decode_single_planes(cores, geometry, scatter, rows, cols, colour, out):
     inverse 2-D DCT ``rows^T X cols`` when ``rows``/``cols`` are not empty (orthonormal DCT matrices of H and W),
     then the inverse colour transform ``Y_i = sum_j colour[j, i] X_j`` when ``colour`` (3 x 3) is not empty,
     and rounds half up and clamps to 0..255. Every step is in float64 like the batch path, so the two agree
-    except where a value lands within ~1e-12 of a rounding tie (never seen: tests/test_single_planes.py).
+    except where a value lands within ~1e-12 of a rounding tie (none in the tests: tests/test_transformed_items.py).
     """
     height, width, channels = out.shape
     N = _single_size(geometry)
