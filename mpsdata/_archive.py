@@ -693,7 +693,7 @@ class CoreFile:
         none = np.zeros((0, 0))
         dct = self.domain == "dct"
         self._inverse = (
-            dct_matrix(g.layout.height).numpy() if dct else none,
+            np.ascontiguousarray(dct_matrix(g.layout.height).numpy().T) if dct else none,
             dct_matrix(g.layout.width).numpy() if dct else none,
             COLOUR_YCC if self.colour == "ycc" else none,
         )

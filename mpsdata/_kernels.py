@@ -835,11 +835,12 @@ def _decode_single(cores, geometry, scatter, out):
 
 
 @numba.njit(**_JIT)
-def _decode_single_planes(cores, geometry, scatter, rows, cols, colour, out):
+def _decode_single_planes(cores, geometry, scatter, rows_t, cols, colour, out):
     """One image of transformed planes into uint8 ``out`` ``(H, W, C)``: the per-item twin of the batch decode.
 
     Contracts each plane in float64 (``cores`` ``(planes, terms, P)``, as :func:`_decode_single`), applies the
-    inverse 2-D DCT ``rows^T X cols`` when ``rows``/``cols`` are not empty (orthonormal DCT matrices of H and W),
+    inverse 2-D DCT ``rows^T X cols`` when ``rows_t``/``cols`` are not empty (``rows_t``: the orthonormal DCT matrix
+    of H transposed, C-contiguous; ``cols``: that of W; two small BLAS products, 2.5 against 8 us for loops on 28x28),
     then the inverse colour transform ``Y_i = sum_j colour[j, i] X_j`` when ``colour`` (3 x 3) is not empty,
     and rounds half up and clamps to 0..255. Every step is in float64 like the batch path, so the two agree
     except where a value lands within ~1e-12 of a rounding tie (none in the tests: tests/test_transformed_items.py).
@@ -856,24 +857,11 @@ def _decode_single_planes(cores, geometry, scatter, rows, cols, colour, out):
         for p in range(per_group):
             planes[g * per_group + p] = acc[scatter[p]]
     planes = planes.reshape(channels, height, width)
-    if rows.shape[0]:
+    if rows_t.shape[0]:
         tmp = np.empty((height, width), np.float64)
         for c in range(channels):
-            x = planes[c]
-            for h in range(height):  # tmp = rows^T x, the inner loop along contiguous rows
-                for w in range(width):
-                    tmp[h, w] = 0.0
-                for k in range(height):
-                    v = rows[k, h]
-                    for w in range(width):
-                        tmp[h, w] += v * x[k, w]
-            for h in range(height):  # x = tmp cols
-                for w in range(width):
-                    x[h, w] = 0.0
-                for k in range(width):
-                    v = tmp[h, k]
-                    for w in range(width):
-                        x[h, w] += v * cols[k, w]
+            np.dot(rows_t, planes[c], tmp)
+            np.dot(tmp, cols, planes[c])
     if colour.shape[0]:
         mixed = np.zeros((channels, height, width), np.float64)
         for i in range(channels):
