@@ -64,6 +64,10 @@ COLOUR_CASES = {
         {"domain": "dct", "channel_mode": "site", "site_dims": "hierarchical", "ratio": 0.3, "residual": 1},
         "float32",
     ),
+    "dct, hierarchical, padded 22x22": (
+        {"domain": "dct", "colour": "ycc", "channel_mode": "separate", "site_dims": "hierarchical", "ratio": 0.3},
+        "int8",
+    ),
     "ycc separate, residual": (
         {"colour": "ycc", "channel_mode": "separate", "bytes_ratio": 0.6, "residual": 1},
         "int8",
@@ -74,8 +78,10 @@ COLOUR_CASES = {
 @pytest.mark.parametrize("case", list(COLOUR_CASES))
 def test_colour_items_equal_the_batch_decode(tmp_path: Path, case: str) -> None:
     options, core_dtype = COLOUR_CASES[case]
-    images = fake_images(48, 16, 16, channels=3, seed=3)
+    size = 22 if "22x22" in case else 16  # 22 = 2 x 11: the layout pads it to a smooth size
+    images = fake_images(48, size, size, channels=3, seed=3)
     cores = _write(tmp_path, images, core_dtype, **options)
+    assert (cores.geometry.layout.padded_height > size) == (size == 22)
     assert cores.core_dtype == core_dtype and cores.geometry.terms == options.get("residual", 0) + 1
     if case == "ycc separate, chroma padded":  # chroma planes use smaller bonds, zero-padded to luma's in the file
         ranks = cores.ranks.reshape(len(images), 3, -1)
@@ -117,3 +123,11 @@ def test_dataset_items_and_pickled_reader(tmp_path: Path) -> None:
     np.testing.assert_array_equal(clone.decode_one(5), items[5])
     with pytest.raises(IndexError):
         ds._cores.decode_one(len(ds))
+
+
+@pytest.mark.needs_cuda
+def test_cuda_batch_decode_equals_the_cpu_items(tmp_path: Path) -> None:
+    images = fake_images(24, 16, 16, channels=3, seed=5)
+    cores = _write(tmp_path, images, domain="dct", colour="ycc", channel_mode="separate", bytes_ratio=0.3)
+    on_gpu = cores.decode(np.arange(len(images)), device="cuda").cpu().permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(on_gpu, np.stack([cores.decode_one(i) for i in range(len(images))]))
