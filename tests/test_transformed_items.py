@@ -123,6 +123,11 @@ def test_dataset_items_and_pickled_reader(tmp_path: Path) -> None:
     np.testing.assert_array_equal(clone.decode_one(5), items[5])
     with pytest.raises(IndexError):
         ds._cores.decode_one(len(ds))
+    # Forked DataLoader workers (after the parent used the kernel and its BLAS) read the same items.
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=5, num_workers=2, collate_fn=list, multiprocessing_context="fork"
+    )
+    np.testing.assert_array_equal(np.stack([np.asarray(image) for batch in loader for image, _ in batch]), items)
 
 
 @pytest.mark.needs_cuda
