@@ -1,6 +1,7 @@
 """What ``site_dims="auto"`` picks (layout, pixel/DCT domain, RGB or luma/chroma) and what it gains over the
 default layout, at int8 byte budgets; the luma share of ``colour="ycc"``; and the cost of decoding a core file
-that holds DCT planes.
+that holds DCT planes, per item (``__getitem__``) against files of pixels and against the batched float path that
+``__getitem__`` took before its per-item kernel (``--items-only`` measures just that and updates the JSON).
 
 Data: real Fashion-MNIST test split ``[0:2000]`` and the 32x32 RGB patches of the scikit-image photos
 (``benchmarks/rate_distortion.py``'s p32 set). The search runs as datasets run it: on a seeded random sample
@@ -9,6 +10,7 @@ PSNR is the mean per-image PSNR of the uint8 reconstructions (deterministic); ti
 process.
 
     python benchmarks/auto_layout.py --fashion ../shared/datasets/fashion-mnist
+    python benchmarks/auto_layout.py --fashion ../shared/datasets/fashion-mnist --items-only
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,32 +100,55 @@ def luma_shares(x: torch.Tensor, log) -> list[dict]:
     return rows
 
 
+def _float_item(ds, index: int):
+    """``__getitem__`` as it was for transformed files: the batched float decode of one image, then PIL."""
+    image = ds._cores.decode([index])[0].numpy()
+    return PIL.Image.fromarray(image[0]), ds.targets[index]
+
+
 def item_times(fashion: Path, count: int, repeats: int, log) -> dict:
+    """Best per-item time of ``__getitem__`` (PIL out) over ``count`` items, interleaved passes in one process."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         raw = root / "FashionMNIST" / "raw"
         raw.mkdir(parents=True)
         for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
             (raw / name).symlink_to(Path(fashion).resolve() / name)
+
+        def build(**options):
+            return mpsdata.MPSFashionMNIST(root, train=False, bytes_ratio=0.3, **options)
+
         datasets = {
-            "pixels": mpsdata.MPSFashionMNIST(root, train=False, bytes_ratio=0.3),
-            "dct": mpsdata.MPSFashionMNIST(root, train=False, bytes_ratio=0.3, domain="dct", site_dims="hierarchical"),
-            "pixels-hier": mpsdata.MPSFashionMNIST(root, train=False, bytes_ratio=0.3, site_dims="hierarchical"),
+            "pixels": build(),
+            "dct": build(domain="dct", site_dims="hierarchical"),
+            "pixels-hier": build(site_dims="hierarchical"),
+            "dct-row": build(domain="dct", site_dims="row"),
+            "pixels-row": build(site_dims="row"),
+            "dct-default": build(domain="dct"),
         }
-        for ds in datasets.values():
-            ds[0]  # load the cores
-        best = {name: float("inf") for name in datasets}
+        readers = {name: ds.__getitem__ for name, ds in datasets.items()}
+        readers["dct-float-path"] = lambda i, ds=datasets["dct"]: _float_item(ds, i)
+        for read in readers.values():
+            read(0)  # load the cores, compile
+        for i in range(count):  # the reads being timed give the bytes of the batch decode
+            for name in ("dct", "dct-row", "dct-default"):
+                assert np.array_equal(np.asarray(readers[name](i)[0]), np.asarray(_float_item(datasets[name], i)[0]))
+        best = {name: float("inf") for name in readers}
         for _ in range(repeats):  # interleaved, best of the repeats: the machine is shared
-            for name, ds in datasets.items():
+            for name, read in readers.items():
                 started = time.perf_counter()
                 for i in range(count):
-                    ds[i]
+                    read(i)
                 best[name] = min(best[name], (time.perf_counter() - started) / count)
         out = {f"{name}_us": 1e6 * t for name, t in best.items()}
         out["dct_over_pixels_hier"] = best["dct"] / best["pixels-hier"]
         out["dct_over_pixels_default"] = best["dct"] / best["pixels"]
+        out["dct_row_over_pixels_row"] = best["dct-row"] / best["pixels-row"]
+        out["dct_default_over_pixels_default"] = best["dct-default"] / best["pixels"]
+        out["float_path_over_dct"] = best["dct-float-path"] / best["dct"]
         out["psnr"] = {name: ds.psnr for name, ds in datasets.items()}
-        log(f"  __getitem__: {out}")
+        out["items"], out["repeats"] = count, repeats
+        log(f"  __getitem__: {json.dumps(out, indent=1)}")
         return out
 
 
@@ -131,12 +157,22 @@ def main() -> None:
     parser.add_argument("--fashion", type=Path, required=True, help="folder with the Fashion-MNIST idx .gz files")
     parser.add_argument("--images", type=int, default=2000, help="Fashion-MNIST test images")
     parser.add_argument("--items", type=int, default=2000, help="items timed per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved passes of the item timing")
+    parser.add_argument("--items-only", action="store_true", help="time __getitem__ only; update the JSON's getitem")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "auto_layout.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
+
+    if args.items_only:
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        results["getitem"] = item_times(args.fashion, args.items, args.repeats, log)
+        results["getitem_command"] = " ".join(sys.argv)
+        args.out.write_text(json.dumps(results, indent=1))
+        log(f"wrote {args.out}")
+        return
 
     results: dict = {"command": " ".join(sys.argv), "sample": _base.AUTO_SAMPLE, "seed": _base.AUTO_SEED}
     fashion = load_fashion_test(args.fashion, args.images)
@@ -146,7 +182,7 @@ def main() -> None:
     log(f"p32: {patches.shape[0]} patches")
     results["p32_luma_share"] = luma_shares(patches, log)
     results["p32"] = compare(patches, "separate", log) + compare(patches, "site", log)
-    results["getitem"] = item_times(args.fashion, args.items, 3, log)
+    results["getitem"] = item_times(args.fashion, args.items, args.repeats, log)
     args.out.write_text(json.dumps(results, indent=1))
     log(f"wrote {args.out}")
 

@@ -44,6 +44,8 @@ from ._budget import max_bonds
 from ._errors import MPSDataError
 from ._layout import Layout
 from ._mps import COLOURS, DOMAINS, decompose, inverse_transform, to_uint8
+from ._shared import COLOUR_YCC
+from ._signal import dct_matrix
 from ._version import __version__ as _version
 
 __all__ = [
@@ -380,11 +382,13 @@ def _decode_packed(packed: torch.Tensor, layout: Layout, bonds, groups: int, ter
     """uint8 images ``(n, C, H, W)`` from packed float cores ``(n, groups, P)``: the one decode of writer and reader.
 
     Cores of pixels and RGB round to uint8 inside the contraction; transformed planes (DCT, luma/chroma) are
-    contracted to floats, transformed back (:func:`mpsdata._mps.inverse_transform`), then rounded.
+    contracted to float64, transformed back (:func:`mpsdata._mps.inverse_transform`), then rounded.
     """
     n = packed.shape[0]
     flat = packed.reshape(n * groups // terms, terms, packed.shape[-1])
     plain = (domain, colour) == ("pixels", "rgb")
+    if not plain:  # float64 throughout, as CoreFile.decode_one: the two round the same values to the same bytes
+        flat = flat.double()
     images = _engine.decode(flat, layout.scatter_index, layout.site_dims, bonds, quantize=plain)
     channels = layout.num_values * groups // terms // (layout.height * layout.width)
     images = images.reshape(n, channels, layout.height, layout.width)
@@ -685,6 +689,14 @@ class CoreFile:
             )
         s, c = np.asarray(sites, np.int64), np.asarray(bonds, np.int64)
         self._single = (np.concatenate([[len(s)], s, c, _kernels._offsets(s, c)]), scatter)
+        # Transformed planes: the inverse DCT's matrices (rows^T X cols) and the inverse colour mix, or empty.
+        none = np.zeros((0, 0))
+        dct = self.domain == "dct"
+        self._inverse = (
+            np.ascontiguousarray(dct_matrix(g.layout.height).numpy().T) if dct else none,
+            dct_matrix(g.layout.width).numpy() if dct else none,
+            COLOUR_YCC if self.colour == "ycc" else none,
+        )
 
     # -- process-local state ------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -765,12 +777,14 @@ class CoreFile:
     def decode_one(self, index: int) -> np.ndarray:
         """One uint8 image as ``(H, W)`` or ``(H, W, C)``, the fast path behind ``__getitem__``."""
         g = self.geometry
-        if (self.domain, self.colour) != ("pixels", "rgb"):  # transformed planes: the float decode, then round
-            image = self.decode([index])[0].numpy()
-            return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         memory = self._single_memory if self._single_memory is not None else self._single_cores()
         cores = memory[index].reshape(g.groups // g.terms, g.terms, -1)
         layout = g.layout
+        if (self.domain, self.colour) != ("pixels", "rgb"):  # planes: contract and transform back in float64
+            channels = cores.shape[0] * layout.num_values // (layout.height * layout.width)
+            image = np.empty((layout.height, layout.width, channels), np.uint8)
+            _kernels._decode_single_planes(cores, self._single[0], self._single[1], *self._inverse, image)
+            return image[:, :, 0] if channels == 1 else image
         out = np.empty((cores.shape[0], layout.num_values), np.uint8)
         _kernels._decode_single(cores, self._single[0], self._single[1], out)
         if out.shape[0] * layout.num_values == layout.height * layout.width:
