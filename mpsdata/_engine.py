@@ -108,9 +108,13 @@ def encode(
         raise ValueError(f"bonds {list(bonds)} are not tight for site dims {list(site_dims)}; use _budget.tighten")
     if backend == "auto":
         backend = "numba" if x.device.type == "cpu" else "torch"
+    # tol is relative to the image, not to the padded tensor (whose copied pixels add norm): only the first
+    # occurrence of each pixel counts towards ||x||, so the image's error stays within tol * ||x||.
+    primary = np.zeros(len(gather), np.bool_)
+    primary[np.unique(np.asarray(gather), return_index=True)[1]] = True
     if backend == "numba":
-        return _encode_numba(x, gather, site_dims, bonds, tol, terms, dtype, tails)
-    return _encode_torch(x, gather, site_dims, bonds, tol, terms, dtype, tails)
+        return _encode_numba(x, gather, primary, site_dims, bonds, tol, terms, dtype, tails)
+    return _encode_torch(x, gather, primary, site_dims, bonds, tol, terms, dtype, tails)
 
 
 def contraction_cost(site_dims: Sequence[int], bonds: Sequence[int]) -> int:
@@ -198,7 +202,7 @@ def _decode_matrix(cores, scatter, site_dims, bonds, quantize) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-def _encode_numba(x, gather, site_dims, bonds, tol, terms, dtype, want_tails) -> Packed:
+def _encode_numba(x, gather, primary, site_dims, bonds, tol, terms, dtype, want_tails) -> Packed:
     sites = np.asarray(site_dims, np.int64)
     caps = np.asarray(bonds, np.int64)
     offs = _kernels._offsets(sites, caps)
@@ -219,7 +223,7 @@ def _encode_numba(x, gather, site_dims, bonds, tol, terms, dtype, want_tails) ->
 
     def run(start: int, stop: int) -> None:
         _kernels._encode_chunk(
-            xs[start:stop], gather, sites, caps, offs, gram, own_tail, float(tol), terms, lanes,
+            xs[start:stop], gather, primary, sites, caps, offs, gram, own_tail, float(tol), terms, lanes,
             cores[start:stop], ranks[start:stop], eps2[start:stop], tails[start:stop],
         )  # fmt: skip
 
@@ -252,13 +256,14 @@ def _decode_numba(cores, scatter, site_dims, bonds, quantize) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # torch path: the same algorithm with batched torch.linalg, for CUDA tensors and as an independent
 # reference on CPU.
-def _encode_torch(x, gather, site_dims, bonds, tol, terms, dtype, want_tails) -> Packed:
+def _encode_torch(x, gather, primary, site_dims, bonds, tol, terms, dtype, want_tails) -> Packed:
     index = torch.from_numpy(np.asarray(gather, np.int64)).to(x.device)
+    weight = torch.from_numpy(primary).to(device=x.device, dtype=dtype)
     residual = x.to(dtype).index_select(1, index)
     n_bonds = len(bonds)
     packed, ranks, eps2, tails = [], [], [], []
     for term in range(terms):
-        term_cores, term_ranks, term_eps2 = _ttsvd_torch(residual, site_dims, bonds, tol)
+        term_cores, term_ranks, term_eps2 = _ttsvd_torch(residual, site_dims, bonds, tol, weight)
         packed.append(torch.cat([c.flatten(1) for c in term_cores], 1))
         ranks.append(term_ranks)
         eps2.append(term_eps2)
@@ -284,11 +289,12 @@ def _unfolding_tails_torch(a: torch.Tensor, site_dims, ranks: torch.Tensor) -> t
     return torch.stack(tails, 1)
 
 
-def _ttsvd_torch(a: torch.Tensor, site_dims, bonds, tol):
+def _ttsvd_torch(a: torch.Tensor, site_dims, bonds, tol, weight: torch.Tensor):
+    """TT-SVD of every row of ``a``; ``weight`` (1 or 0 per value) marks the values that count in ``||x||``."""
     B = a.shape[0]
     n_bonds = len(bonds)
     eps = torch.finfo(a.dtype).eps
-    delta2 = tol * tol * a.square().sum(1) / max(n_bonds, 1)
+    delta2 = tol * tol * (a.square() * weight).sum(1) / max(n_bonds, 1)
     cores, ranks, eps2 = [], [], []
     cur = a
     left, rest = 1, a.shape[1]

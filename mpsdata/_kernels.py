@@ -682,7 +682,7 @@ def _unfolding_tail(X, left, rank, G, V, W, d, e, work, act, out):
 
 
 @numba.njit(**_JIT)
-def _encode_chunk(x, gather, sites, caps, offs, gram, own_tail, tol, terms, lanes, cores, ranks, eps2, tails):
+def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, terms, lanes, cores, ranks, eps2, tails):
     B = x.shape[0]
     N = gather.shape[0]
     n_bonds = sites.shape[0] - 1
@@ -720,7 +720,8 @@ def _encode_chunk(x, gather, sites, caps, offs, gram, own_tail, tol, terms, lane
             for lane in range(L):
                 norm2 = 0.0
                 for i in range(N):
-                    norm2 += X[i, lane] * X[i, lane]
+                    if primary[i]:  # padded copies do not count: tol is relative to the image
+                        norm2 += X[i, lane] * X[i, lane]
                 delta2[lane] = tol * tol * norm2 / max(n_bonds, 1)
             _ttsvd_block(
                 X,

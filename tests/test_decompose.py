@@ -540,6 +540,26 @@ def test_error_is_exact_with_padding(height, width, site_dims) -> None:
     assert torch.allclose(m.error, _measured_error(m, x), rtol=1e-9)
 
 
+@pytest.mark.parametrize("site_dims", ["row", "hierarchical"])
+def test_tol_is_relative_to_the_image_not_the_padding(site_dims) -> None:
+    # Bright last row and column: padding copies them, so the padded tensor's norm is far above the image's. A
+    # tolerance taken from the padded norm let the image's error exceed tol (0.0505-0.0526 for tol 0.05).
+    x = torch.rand(8, 31, 31, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, -1, :] += 20.0
+    x[:, :, -1] += 20.0
+    m = mpsdata.decompose(x, tol=0.05, site_dims=site_dims)
+    assert (m.layout.padded_height, m.layout.padded_width) == (32, 32)
+    assert bool((_measured_error(m, x) <= 0.05 * _norms(x)).all())
+    layout = m.layout
+    bonds = tighten(max_bonds(layout.site_dims), layout.site_dims)
+    flat = x.reshape(8, -1)
+    numba = _engine.encode(flat, layout.gather_index, layout.site_dims, bonds, tol=0.05, dtype=torch.float64)
+    torch_ = _engine.encode(
+        flat, layout.gather_index, layout.site_dims, bonds, tol=0.05, dtype=torch.float64, backend="torch"
+    )
+    assert torch.equal(numba.ranks, torch_.ranks)  # both backends take the image's norm
+
+
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("kwargs", [{"ratio": 0.4}, {"tol": 0.1}, {"ratio": 0.6, "residual": 1, "site_dims": "row"}])
