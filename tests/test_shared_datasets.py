@@ -194,3 +194,27 @@ def test_dataloader_spawn_worker_matches_main_process(tmp_path: Path) -> None:
     assert len(got) == len(expected) == 3
     for (x, y), (x_ref, y_ref) in zip(got, expected):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+# -- publishing -------------------------------------------------------------------------------------------------------
+def test_pack_and_download_shared_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pack` publishes shared-codec files; a dataset with download=True fetches its split's file, with no raw data
+    and no training split on the machine."""
+    from mpsdata.download import MIRROR_ENV, find_published, pack
+
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
+    built_root, fresh_root = tmp_path / "built", tmp_path / "fresh"
+    write_mnist(built_root / "FashionMNIST" / "raw", num_train=20, num_test=8, gz=False)
+    options = {"codec": "shared", "bytes_ratio": BUDGET}
+    test = mpsdata.MPSFashionMNIST(built_root, train=False, **options)
+    out = tmp_path / "public"
+    (entry,) = pack([test.archive], out)  # verifies: checksums and every image decoded
+    assert entry["format_version"] == 4 and entry["settings"]["codec"] == "shared" and entry["num_samples"] == 8
+    assert find_published(test._cores.settings, mirrors=[out]) == entry
+    fetched = mpsdata.MPSFashionMNIST(fresh_root, train=False, download=True, mirrors=[out], **options)
+    assert fetched.archive.name == test.archive.name and not (fresh_root / "FashionMNIST" / "raw").exists()
+    assert list(fetched.archive.parent.glob("train-*.h5")) == []  # the training split was not needed
+    assert torch.equal(fetched.decode_batch(np.arange(8)), test.decode_batch(np.arange(8)))
+    assert fetched._cores.content_sha256 == test._cores.content_sha256
+    # an entry of a newer shared format is not offered to this reader
+    assert find_published(test._cores.settings, manifest=[{**entry, "format_version": 5}]) is None
