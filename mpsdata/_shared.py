@@ -244,16 +244,20 @@ def _inverse_one(coeffs, basis, mean, dct_h, dct_w, ycc, out):
                     for p in range(area):
                         acc[p] += v * np.float64(row[p])
             top, left = (b // bw) * block, (b % bw) * block
-            for p in range(area):
-                pixels[ch, top + p // block, left + p % block] = acc[p] + mean[ch, p]
-    for y in range(h):
-        for x in range(w):
-            for ch in range(c):
-                if ycc:  # orthonormal inverse: RGB = COLOUR_YCC.T @ (luma, chroma, chroma)
+            for r in range(block):
+                for s in range(block):
+                    pixels[ch, top + r, left + s] = acc[r * block + s] + mean[ch, r * block + s]
+    if ycc:  # orthonormal inverse: RGB = COLOUR_YCC.T @ (luma, chroma, chroma)
+        for ch in range(c):
+            for y in range(h):
+                for x in range(w):
                     v = _YCC[0, ch] * pixels[0, y, x] + _YCC[1, ch] * pixels[1, y, x] + _YCC[2, ch] * pixels[2, y, x]
-                else:
-                    v = pixels[ch, y, x]
-                out[ch, y, x] = np.uint8(min(max(np.rint(v), 0.0), 255.0))
+                    out[ch, y, x] = np.uint8(min(max(np.rint(v), 0.0), 255.0))
+    else:
+        for ch in range(c):
+            for y in range(h):
+                for x in range(w):
+                    out[ch, y, x] = np.uint8(min(max(np.rint(pixels[ch, y, x]), 0.0), 255.0))
 
 
 @numba.njit(**_JIT)
