@@ -440,8 +440,8 @@ class SharedCodec:
         """Inverse transform of (dequantised) coefficients ``(N, V)`` to uint8 images ``(N, C, H, W)``.
 
         On the CPU a numba kernel does it, the same one behind :meth:`decode` and a file's per-item reads, so all
-        three give identical pixels; on another device torch does it, and a pixel whose float64 value lies within
-        rounding noise (~1e-12) of a half level may round the other way there.
+        three give identical pixels; on another device torch does it, summing in another order, so a pixel whose
+        float64 value lies within summation noise of a half level may round the other way there.
         """
         if coeffs.device.type != "cpu":
             return _inverse(coeffs, self).round().clamp_(0, 255).to(torch.uint8)
