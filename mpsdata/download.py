@@ -912,7 +912,8 @@ def _download_command(args: argparse.Namespace) -> int:
     entries = list_published(args.manifest, mirrors=args.mirror)
     if args.list:
         for e in entries:
-            budget = {k: v for k, v in e["settings"].items() if k in ("ratio", "bond_dims", "max_bond", "tol") and v}
+            shown = ("codec", "ratio", "bytes_ratio", "bond_dims", "max_bond", "tol")
+            budget = {k: v for k, v in e["settings"].items() if k in shown and v}
             print(f"{e['name']}  {e['settings'].get('dataset', '?')} {e['settings'].get('split', '?')}  "
                   f"{e['size'] / 2**20:.1f} MiB  {budget}")  # fmt: skip
         if not entries:

@@ -24,6 +24,7 @@ from torchvision.transforms import PILToTensor
 import mpsdata
 from mpsdata._shared import _decode_batch, _inverse, fit_shared
 from mpsdata._shared_file import SharedCoreFile, write_shared_file
+from mpsdata.cli import main
 
 BUDGET = 0.3
 
@@ -197,7 +198,9 @@ def test_dataloader_spawn_worker_matches_main_process(tmp_path: Path) -> None:
 
 
 # -- publishing -------------------------------------------------------------------------------------------------------
-def test_pack_and_download_shared_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pack_and_download_shared_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """`pack` publishes shared-codec files; a dataset with download=True fetches its split's file, with no raw data
     and no training split on the machine."""
     from mpsdata.download import MIRROR_ENV, find_published, pack
@@ -216,5 +219,8 @@ def test_pack_and_download_shared_files(tmp_path: Path, monkeypatch: pytest.Monk
     assert list(fetched.archive.parent.glob("train-*.h5")) == []  # the training split was not needed
     assert torch.equal(fetched.decode_batch(np.arange(8)), test.decode_batch(np.arange(8)))
     assert fetched._cores.content_sha256 == test._cores.content_sha256
+    assert main(["download", "--list", "--mirror", str(out)]) == 0
+    listed = capsys.readouterr().out
+    assert entry["name"] in listed and "'codec': 'shared'" in listed and f"'bytes_ratio': {BUDGET}" in listed
     # an entry of a newer shared format is not offered to this reader
     assert find_published(test._cores.settings, manifest=[{**entry, "format_version": 5}]) is None
