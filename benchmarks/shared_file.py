@@ -6,13 +6,15 @@ the test split (10,000 images) is then encoded by projection onto that shared pa
 file bytes over raw uint8 bytes (the dataset's ``bytes_ratio``), the amortised figure (byte strings + 4-byte
 lengths + shared part / 60,000), the file's mean stored PSNR, and the codec chosen. Then the per-item
 ``__getitem__`` time of the shared test split as a ratio to the default MPS dataset (``ratio=0.4``) measured in
-the same process: interleaved repeats over the same random indices, minimum per repeat. Last, WebP on the same
+the same process: interleaved repeats over the same random indices, minimum per repeat, beside the per-item path
+before the numba inverse (rANS kernel, then torch's float64 inverse; pixels compared). Last, WebP on the same
 10,000 test images at each test file's real bytes ratio: the best mean PSNR of a quality sweep (0, 5, ..., 100)
 whose mean bytes ratio is at most the file's, and the per-image search (each image at the highest quality whose
 file fits, ``mpsdata.baselines.webp(x, bytes_ratio=...)``), bytes of the WebP bitstream alone.
 
 Run: python benchmarks/shared_file.py --fashion /work/shared/datasets/fashion-mnist [--budgets 0.1,0.2,0.4]
      python benchmarks/shared_file.py --fashion ... --webp-only 0.1079,0.2084,0.4088  (the WebP part alone)
+     python benchmarks/shared_file.py --fashion ... --budgets 0.2 --no-webp  (build, PSNR and item speed only)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 import mpsdata
 from mpsdata import baselines
+from mpsdata._shared import _decode_batch, _decode_one, _inverse
 from mpsdata._signal import psnr
 from mpsdata.datasets.mnist import read_idx
 
@@ -43,10 +46,64 @@ def _raw_root(fashion: Path, out: Path) -> Path:
 
 
 def _item_seconds(ds, indices: np.ndarray) -> float:
+    """Mean seconds of ``ds[i]`` (a dataset, or a function of the index) over ``indices``."""
+    get = ds if callable(ds) else ds.__getitem__
     start = time.perf_counter()
     for i in indices:
-        ds[int(i)]
+        get(int(i))
     return (time.perf_counter() - start) / len(indices)
+
+
+def _torch_item(cores):
+    """``decode_one`` as it was before the numba inverse: the rANS kernel, then torch's inverse of one image."""
+    codec = cores.codec
+
+    def item(index: int, unrounded: bool = False) -> np.ndarray:
+        q = np.empty((1, codec.num_coefficients), np.int64)
+        _decode_one(cores.load(), cores.offsets[index], q.shape[1], codec.classes, codec.freq, codec._cum,
+                    codec._lookup, q[0])  # fmt: skip
+        image = _inverse(torch.from_numpy(q).to(torch.float64) * codec.step, codec)
+        return image[0].numpy() if unrounded else image.round().clamp_(0, 255).to(torch.uint8)[0].numpy()
+
+    return item
+
+
+def _batch_ratio(cores, repeats: int = 3) -> float:
+    """Seconds of decoding every image with the numba kernel over the same with the torch inverse (batches of
+    4,096 as ``verify`` takes them; the rANS decoding is the same kernel in both)."""
+    codec = cores.codec
+
+    def torch_decode(rows: np.ndarray) -> torch.Tensor:
+        q = np.empty((rows.size, codec.num_coefficients), np.int64)
+        enc = cores._encoded(rows)[0]
+        _decode_batch(enc.data, enc.offsets, rows, q.shape[1], codec.classes, codec.freq, codec._cum,
+                      codec._lookup, q)  # fmt: skip
+        return _inverse(torch.from_numpy(q).to(torch.float64) * codec.step, codec).round().clamp_(0, 255)
+
+    best = {"numba": float("inf"), "torch": float("inf")}
+    for _ in range(repeats):
+        for name, decode in (("numba", cores.decode), ("torch", torch_decode)):
+            start = time.perf_counter()
+            for first in range(0, len(cores), 4096):
+                decode(np.arange(first, min(first + 4096, len(cores))))
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best["numba"] / best["torch"]
+
+
+def _compare(cores, item, indices: np.ndarray) -> str:
+    """Pixels where ``decode_one`` differs from the torch inverse's rounding, and how far from a half level the
+    torch value of each lies (the two sum in different orders, so only near-ties can round apart)."""
+    differ, worst, pixels = 0, 0.0, 0
+    for i in np.unique(indices):
+        new, before = cores.decode_one(int(i)).astype(np.int64), item(int(i), unrounded=True)
+        before = before[0] if before.shape[0] == 1 else before.transpose(1, 2, 0)
+        apart = new != np.clip(np.rint(before), 0, 255)
+        differ, pixels = differ + int(apart.sum()), pixels + new.size
+        if apart.any():
+            worst = max(worst, float(np.abs(before[apart] - np.floor(before[apart]) - 0.5).max()))
+    if not differ:
+        return f"0 of {pixels} pixels differ"
+    return f"{differ} of {pixels} pixels differ, each within {worst:.1e} of a half level"
 
 
 def webp_at(images: torch.Tensor, ratios: list[float]) -> None:
@@ -76,6 +133,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2000, help="random items per timing repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--webp-only", help="comma-separated bytes ratios: run only the WebP part at them")
+    parser.add_argument("--no-webp", action="store_true", help="skip the WebP comparison")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,19 +161,35 @@ def main() -> None:
         mps = mpsdata.MPSFashionMNIST(root, train=False)
         print(f"\ndefault MPS test split: bytes ratio {mps.bytes_ratio:.4f}, PSNR {mps.psnr:.2f} dB")
         indices = np.random.default_rng(0).integers(0, len(mps), args.items)
+        before = {budget: _torch_item(ds._cores) for budget, ds in shared.items()}
+        for budget, ds in shared.items():
+            print(f"bytes_ratio={budget}, numba decode_one against the torch inverse on the timed items: "
+                  f"{_compare(ds._cores, before[budget], indices)}")  # fmt: skip
         for ds in (mps, *shared.values()):
             _item_seconds(ds, indices[:50])  # warm: jit, file loads
-        best = {name: float("inf") for name in ["mps", *shared]}
+        for item in before.values():
+            _item_seconds(item, indices[:50])
+        best = {name: float("inf") for name in ["mps", *shared, *(f"torch {b}" for b in shared)]}
         for _ in range(args.repeats):
             best["mps"] = min(best["mps"], _item_seconds(mps, indices))
             for budget, ds in shared.items():
                 best[budget] = min(best[budget], _item_seconds(ds, indices))
+                best[f"torch {budget}"] = min(best[f"torch {budget}"], _item_seconds(before[budget], indices))
         print(f"\n__getitem__ per item, {args.items} random items, min of {args.repeats} interleaved repeats")
         print("| dataset | time / MPS default |")
         print("|---|---:|")
         print(f"| MPS ratio=0.4 | 1.00 ({best['mps'] * 1e6:.0f} us) |")
         for budget in shared:
             print(f"| shared bytes_ratio={budget} | {best[budget] / best['mps']:.2f} |")
+            print(f"| decode_one before (torch inverse, no PIL), bytes_ratio={budget} | "
+                  f"{best[f'torch {budget}'] / best['mps']:.2f} |")  # fmt: skip
+        print("\nWhole test split through decode (batches of 4,096), min of 3 interleaved repeats")
+        print("| dataset | numba kernel / torch inverse |")
+        print("|---|---:|")
+        for budget, ds in shared.items():
+            print(f"| shared bytes_ratio={budget} | {_batch_ratio(ds._cores):.2f} |")
+        if args.no_webp:
+            return
         webp_at(test_images, [round(ds.bytes_ratio, 4) for ds in shared.values()])
 
 

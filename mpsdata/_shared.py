@@ -56,6 +56,8 @@ COLOUR_YCC = np.array(
     ]
 )
 
+_YCC = COLOUR_YCC.copy()  # a frozen copy for the numba kernels
+
 PROB_BITS = 15  # frequency tables sum to 2**15
 _EXACT = 15  # values -15..15 have a token of their own
 _LENGTHS = 24  # escape tokens: sign x bit length of |v| - 15 (1..24 bits), the rest of the bits raw
@@ -193,6 +195,87 @@ def _decode_batch(data, offsets, rows, count, ctx, freq, cum, lookup, out):
     for r in range(rows.shape[0]):
         n = rows[r]
         _decode_one(data, offsets[n], count, ctx, freq, cum, lookup, out[r])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inverse transform on the CPU (numba, float64). One kernel serves batches and single items, so an item decodes
+# to exactly the pixels of its batch decode: every pixel is the same sequence of IEEE float64 operations
+# (fixed loop order, no fast-math, so no reassociation or fused multiply-add) whatever the batch.
+@numba.njit(**_JIT)
+def _inverse_one(coeffs, basis, mean, dct_h, dct_w, ycc, out):
+    """Dequantised coefficients ``(V,)`` (storage order: channel, block, basis index) to uint8 ``out (C, H, W)``.
+
+    ``dct_h``/``dct_w``: the DC plane's DCT matrices, empty without ``dc_transform``; ``ycc``: luma/chroma input.
+    """
+    c, k_num, area = basis.shape
+    h, w = out.shape[1], out.shape[2]
+    block = int(np.sqrt(area) + 0.5)
+    bh, bw = h // block, w // block
+    nb = bh * bw
+    dc = np.empty((c, nb))
+    for ch in range(c):
+        for b in range(nb):
+            dc[ch, b] = coeffs[(ch * nb + b) * k_num]
+    if dct_h.shape[0] > 0:  # the DC plane's second-level DCT, inverted: dct_h.T @ plane @ dct_w
+        rows = np.empty((bh, bw))
+        for ch in range(c):
+            for a in range(bh):
+                for j in range(bw):
+                    s = 0.0
+                    for i in range(bh):
+                        s += dct_h[i, a] * coeffs[(ch * nb + i * bw + j) * k_num]
+                    rows[a, j] = s
+            for a in range(bh):
+                for b in range(bw):
+                    s = 0.0
+                    for j in range(bw):
+                        s += rows[a, j] * dct_w[j, b]
+                    dc[ch, a * bw + b] = s
+    pixels = np.empty((c, h, w))
+    acc = np.empty(area)
+    for ch in range(c):
+        for b in range(nb):
+            acc[:] = 0.0
+            base = (ch * nb + b) * k_num
+            for k in range(k_num):
+                v = dc[ch, b] if k == 0 else coeffs[base + k]
+                if v != 0.0:  # most quantised coefficients are zero; adding 0.0 would change no sum
+                    row = basis[ch, k]
+                    for p in range(area):
+                        acc[p] += v * np.float64(row[p])
+            top, left = (b // bw) * block, (b % bw) * block
+            for r in range(block):
+                for s in range(block):
+                    pixels[ch, top + r, left + s] = acc[r * block + s] + mean[ch, r * block + s]
+    if ycc:  # orthonormal inverse: RGB = COLOUR_YCC.T @ (luma, chroma, chroma)
+        for ch in range(c):
+            for y in range(h):
+                for x in range(w):
+                    v = _YCC[0, ch] * pixels[0, y, x] + _YCC[1, ch] * pixels[1, y, x] + _YCC[2, ch] * pixels[2, y, x]
+                    out[ch, y, x] = np.uint8(min(max(np.rint(v), 0.0), 255.0))
+    else:
+        for ch in range(c):
+            for y in range(h):
+                for x in range(w):
+                    out[ch, y, x] = np.uint8(min(max(np.rint(pixels[ch, y, x]), 0.0), 255.0))
+
+
+@numba.njit(**_JIT)
+def _reconstruct_batch(coeffs, basis, mean, dct_h, dct_w, ycc, out):
+    for n in range(coeffs.shape[0]):
+        _inverse_one(coeffs[n], basis, mean, dct_h, dct_w, ycc, out[n])
+
+
+@numba.njit(**_JIT)
+def _decode_images(data, offsets, rows, ctx, freq, cum, lookup, step, basis, mean, dct_h, dct_w, ycc, out):
+    """rANS-decode, dequantise and invert the images ``rows`` of ``data`` into uint8 ``out (n, C, H, W)``."""
+    q = np.empty(ctx.shape[0], np.int64)
+    coeffs = np.empty(ctx.shape[0])
+    for r in range(rows.shape[0]):
+        _decode_one(data, offsets[rows[r]], ctx.shape[0], ctx, freq, cum, lookup, q)
+        for i in range(q.shape[0]):
+            coeffs[i] = q[i] * step
+        _inverse_one(coeffs, basis, mean, dct_h, dct_w, ycc, out[r])
 
 
 def _tokens_of(q: np.ndarray) -> np.ndarray:
@@ -337,6 +420,11 @@ class SharedCodec:
         rows = np.arange(len(enc)) if index is None else np.asarray(index, np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= len(enc)):
             raise IndexError(f"index out of range for {len(enc)} encoded images")
+        if torch.device(device or "cpu").type == "cpu":
+            out = np.empty((rows.size, *self.shape), np.uint8)
+            _decode_images(enc.data, enc.offsets, rows, self.classes, self.freq, self._cum, self._lookup, self.step,
+                           *self._cpu_constants(), out)  # fmt: skip
+            return torch.from_numpy(out)
         q = np.empty((rows.size, self.num_coefficients), np.int64)
         _decode_batch(enc.data, enc.offsets, rows, self.num_coefficients, self.classes, self.freq, self._cum,
                       self._lookup, q)  # fmt: skip
@@ -349,8 +437,34 @@ class SharedCodec:
         return self.decode(enc, device=device)[0]
 
     def reconstruct_coefficients(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """Inverse transform of (dequantised) coefficients ``(N, V)`` to uint8 images ``(N, C, H, W)``."""
-        return _inverse(coeffs, self).round().clamp_(0, 255).to(torch.uint8)
+        """Inverse transform of (dequantised) coefficients ``(N, V)`` to uint8 images ``(N, C, H, W)``.
+
+        On the CPU a numba kernel does it, the same one behind :meth:`decode` and a file's per-item reads, so all
+        three give identical pixels; on another device torch does it, summing in another order, so a pixel whose
+        float64 value lies within summation noise of a half level may round the other way there.
+        """
+        if coeffs.device.type != "cpu":
+            return _inverse(coeffs, self).round().clamp_(0, 255).to(torch.uint8)
+        out = np.empty((coeffs.shape[0], *self.shape), np.uint8)
+        _reconstruct_batch(np.ascontiguousarray(coeffs.numpy(), np.float64), *self._cpu_constants(), out)
+        return torch.from_numpy(out)
+
+    def _cpu_constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+        """The numba inverse's constants ``(basis (C, K, b*b), mean, dct_h, dct_w, ycc)``, built once."""
+        if "numba" not in self._constants:
+            b, mean_t, dct_h, dct_w = _inverse_constants(self, torch.device("cpu"))
+            empty = np.zeros((0, 0))
+            # A learned basis is float32 (float16-rounded) already: exact in float32, with half float64's memory
+            # reads (the inverse is bound by them); the kernel multiplies in float64. The DCT's needs float64.
+            basis_dtype = np.float64 if self.basis is None else np.float32
+            self._constants["numba"] = (
+                np.ascontiguousarray(b.numpy(), basis_dtype),
+                np.ascontiguousarray(mean_t[0, :, 0].numpy(), np.float64),
+                np.ascontiguousarray(dct_h.numpy()) if self.dc_transform else empty,
+                np.ascontiguousarray(dct_w.numpy()) if self.dc_transform else empty,
+                self.colour == "ycc",
+            )
+        return self._constants["numba"]
 
     def roundtrip(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Encode and decode: ``(uint8 images, bytes per image)`` (quicker than decoding the byte strings)."""
@@ -407,9 +521,9 @@ def _decoder_tables(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n_ctx, n_tok = freq.shape
     cum = np.zeros((n_ctx, n_tok + 1), np.int64)
     np.cumsum(freq, 1, out=cum[:, 1:])
-    lookup = np.empty((n_ctx, 1 << PROB_BITS), np.int16)
+    lookup = np.empty((n_ctx, 1 << PROB_BITS), np.uint8)  # NUM_TOKENS < 256: half the cache of int16
     for c in range(n_ctx):
-        lookup[c] = np.repeat(np.arange(n_tok, dtype=np.int16), freq[c])
+        lookup[c] = np.repeat(np.arange(n_tok, dtype=np.uint8), freq[c])
     return cum, lookup
 
 

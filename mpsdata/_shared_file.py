@@ -58,7 +58,7 @@ from ._archive import (
     filter_options,
 )
 from ._errors import MPSDataError
-from ._shared import _RANS_L, NUM_TOKENS, PROB_BITS, Encoded, SharedCodec, _decode_one, search_shared
+from ._shared import _RANS_L, NUM_TOKENS, PROB_BITS, Encoded, SharedCodec, _decode_images, search_shared
 from ._version import __version__ as _version
 
 __all__ = ["CODEC", "SHARED_FORMAT_VERSION", "SharedCoreFile", "fit_for_dataset", "write_shared_file"]
@@ -387,7 +387,7 @@ class SharedCoreFile:
     def decode_one(self, index: int) -> np.ndarray:
         """One uint8 image as ``(H, W)`` or ``(H, W, C)``, the path behind ``__getitem__``.
 
-        The same arithmetic as :meth:`decode` (so the same image), without its batch bookkeeping.
+        The kernel of :meth:`decode` on the CPU (so the same pixels), called once without its batch bookkeeping.
         """
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} images")
@@ -396,10 +396,10 @@ class SharedCoreFile:
             image = self.decode([index])[0].numpy()
         else:
             codec = self.codec
-            q = np.empty((1, codec.num_coefficients), np.int64)
-            _decode_one(self.load(), self.offsets[index], q.shape[1], codec.classes, codec.freq, codec._cum,
-                        codec._lookup, q[0])  # fmt: skip
-            image = codec.reconstruct_coefficients(torch.from_numpy(q).to(torch.float64) * codec.step)[0].numpy()
+            out = np.empty((1, *codec.shape), np.uint8)
+            _decode_images(self.load(), self.offsets, np.array([index]), codec.classes, codec.freq, codec._cum,
+                           codec._lookup, codec.step, *codec._cpu_constants(), out)  # fmt: skip
+            image = out[0]
         return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
     def verify(self) -> dict[str, Any]:

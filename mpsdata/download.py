@@ -23,7 +23,8 @@ Where a file is fetched from, in order: the ``mirrors=`` argument, the ``MPSDATA
 Manifests and servers are untrusted: nothing is unpickled, names cannot leave the target folder, sizes are capped
 and checked against what the server announces and sends (reading stops at the announced size), the file's size
 and sha256 are checked, and its HDF5 header is validated (no links out of the file, no dataset larger than the
-file, a sane image size) before :class:`mpsdata._archive.CoreFile` opens it, all before the atomic rename.
+file, a sane image size) before its reader opens it (:class:`mpsdata._archive.CoreFile`, or
+:class:`mpsdata._shared_file.SharedCoreFile` for a shared-codec file), all before the atomic rename.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._archive import MAX_FORMAT_VERSION, CoreFile, _short, check_header, settings_key
+from ._archive import MAX_FORMAT_VERSION, _short, check_header, open_core_file, settings_key
 from ._errors import MPSDataError
 from ._version import __version__
 
@@ -336,9 +337,20 @@ def find_published(
     """
     wanted = _canonical(settings)
     for entry in list_published(manifest, mirrors=mirrors, timeout=timeout):
-        if entry["settings"] == wanted and entry.get("format_version", 1) <= MAX_FORMAT_VERSION:
+        if entry["settings"] == wanted and _readable(entry):
             return entry
     return None
+
+
+def _readable(entry: dict[str, Any]) -> bool:
+    """Whether this mpsdata reads the entry's file: MPS cores up to ``MAX_FORMAT_VERSION``, or shared-codec files
+    (settings with ``codec="shared"``) of the shared format's version."""
+    version = entry.get("format_version", 1)
+    if entry["settings"].get("codec") == "shared":
+        from ._shared_file import SHARED_FORMAT_VERSION
+
+        return version == SHARED_FORMAT_VERSION
+    return version <= MAX_FORMAT_VERSION
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -756,11 +768,12 @@ def fetch_published(
 
 # ---------------------------------------------------------------------------------------------------
 # Validating a downloaded file before CoreFile reads it
-def _check_core(path: Path, settings: dict[str, Any] | None) -> CoreFile:
-    """Open an untrusted core file: its HDF5 header first (bounded sizes, no links out), then CoreFile."""
+def _check_core(path: Path, settings: dict[str, Any] | None) -> Any:
+    """Open an untrusted core file: its HDF5 header first (bounded sizes, no links out), then its reader
+    (``CoreFile``, or ``SharedCoreFile`` for a shared-codec file)."""
     check_header(path, settings)
     try:
-        return CoreFile(path, expected_settings=settings)
+        return open_core_file(path, expected_settings=settings)
     except (ValueError, TypeError, IndexError, AttributeError) as error:  # malformed metadata CoreFile trusts
         raise MPSDataError(f"{path} has malformed metadata ({type(error).__name__}: {_short(str(error))})") from None
 
@@ -804,7 +817,7 @@ def pack(
     new: list[dict[str, Any]] = []
     for file in files:
         path = Path(file)
-        core = CoreFile(path)
+        core = open_core_file(path)
         if verify:
             core.verify()
         sha, size = _sha256_file(path), path.stat().st_size
@@ -899,7 +912,8 @@ def _download_command(args: argparse.Namespace) -> int:
     entries = list_published(args.manifest, mirrors=args.mirror)
     if args.list:
         for e in entries:
-            budget = {k: v for k, v in e["settings"].items() if k in ("ratio", "bond_dims", "max_bond", "tol") and v}
+            shown = ("codec", "ratio", "bytes_ratio", "bond_dims", "max_bond", "tol")
+            budget = {k: v for k, v in e["settings"].items() if k in shown and v}
             print(f"{e['name']}  {e['settings'].get('dataset', '?')} {e['settings'].get('split', '?')}  "
                   f"{e['size'] / 2**20:.1f} MiB  {budget}")  # fmt: skip
         if not entries:

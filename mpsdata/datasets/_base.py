@@ -305,6 +305,8 @@ class MPSVisionDataset(VisionDataset):
         """
         from .._shared_file import FIT_SAMPLE_BYTES, fit_for_dataset, write_shared_file
 
+        if download and fetch_published(settings, path, self._mirrors):
+            return  # published for exactly these settings: no training split or raw data needed
         fit_dataset = self._fit_split_dataset(download)
         source = self._raw_source(path, download)
         budget = self._options["bytes_ratio"]
