@@ -55,6 +55,7 @@ __all__ = [
     "MAX_FORMAT_VERSION",
     "TRANSFORM_FORMAT_VERSION",
     "CoreFile",
+    "ProcessLocalFile",
     "check_header",
     "check_settings",
     "open_core_file",
@@ -577,7 +578,61 @@ class _Geometry:
     offsets: np.ndarray
 
 
-class CoreFile:
+class ProcessLocalFile:
+    """An HDF5 file opened lazily once per process: a handle is never kept across ``fork`` nor pickled (GUIDE
+    trap: h5py handles shared across fork corrupt reads). ``__init__`` reads the metadata (``_read_metadata``) and
+    closes the file; ``_PROCESS_LOCAL`` names the attributes that hold data loaded later, which a pickled copy
+    drops and reloads."""
+
+    path: Path
+    settings: dict[str, Any]
+    _h5: h5py.File | None = None
+    _pid: int | None = None
+    _PROCESS_LOCAL: tuple[str, ...] = ()
+    _KIND = "core file"  # what the file should be, for error messages
+    _ERRORS: tuple[type[Exception], ...] = (OSError, KeyError, json.JSONDecodeError)  # what a damaged file raises
+
+    def __init__(self, path: str | os.PathLike, expected_settings: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        try:
+            check_header(self.path, expected_settings)
+            with h5py.File(self.path, "r", locking=False) as f:
+                self._read_metadata(f)
+        except MPSDataError:
+            raise
+        except self._ERRORS as error:
+            raise MPSDataError(
+                f"core file {self.path} is truncated, corrupted or not a {self._KIND} ({error}); "
+                "delete it to rebuild it, or check it with `mpsdata verify`"
+            ) from None
+        check_settings(self.path, self.settings, expected_settings)
+        for name in self._PROCESS_LOCAL:
+            setattr(self, name, None)
+
+    def _read_metadata(self, f: h5py.File) -> None:
+        """Read (and check) everything but the process-local data from the open file."""
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_h5", "_pid", *self._PROCESS_LOCAL):  # never ship a handle or a copy of the data
+            state[name] = None
+        return state
+
+    def _file(self) -> h5py.File:
+        if self._h5 is None or self._pid != os.getpid():
+            _load_plugins()  # a spawned worker has not imported hdf5plugin yet
+            self._h5 = h5py.File(self.path, "r", locking=False)
+            self._pid = os.getpid()
+        return self._h5
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+
+
+class CoreFile(ProcessLocalFile):
     """Read-only access to a core file, safe across ``fork`` and ``spawn``.
 
     Metadata, targets and per-image figures are read once in ``__init__`` and the file is closed. Cores are
@@ -589,24 +644,9 @@ class CoreFile:
         expected_settings: Settings the caller asked for; a file built with other settings raises.
     """
 
-    def __init__(self, path: str | os.PathLike, expected_settings: dict[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        try:
-            check_header(self.path, expected_settings)
-            with h5py.File(self.path, "r", locking=False) as f:
-                self._read_metadata(f)
-        except MPSDataError:
-            raise
-        except (OSError, KeyError, json.JSONDecodeError) as error:
-            raise MPSDataError(
-                f"core file {self.path} is truncated, corrupted or not a core file ({error}); "
-                "delete it to rebuild it, or check it with `mpsdata verify`"
-            ) from None
-        check_settings(self.path, self.settings, expected_settings)
-        self._pid: int | None = None
-        self._h5: h5py.File | None = None
-        self._memory: np.ndarray | None = None
-        self._single_memory: np.ndarray | None = None
+    _PROCESS_LOCAL = ("_memory", "_single_memory")
+    _memory: np.ndarray | None  # the packed cores, whole (when they fit IN_MEMORY_LIMIT)
+    _single_memory: np.ndarray | None  # the same, arranged for the per-item kernel
 
     def _read_metadata(self, f: h5py.File) -> None:
         if f.attrs.get("format") != FORMAT:
@@ -697,27 +737,6 @@ class CoreFile:
             dct_matrix(g.layout.width).numpy() if dct else none,
             COLOUR_YCC if self.colour == "ycc" else none,
         )
-
-    # -- process-local state ------------------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_h5"] = None  # never ship a handle (or a copy of the cores) to another process
-        state["_memory"] = None
-        state["_single_memory"] = None
-        state["_pid"] = None
-        return state
-
-    def _file(self) -> h5py.File:
-        if self._h5 is None or self._pid != os.getpid():
-            _load_plugins()  # a spawned worker has not imported hdf5plugin yet
-            self._h5 = h5py.File(self.path, "r", locking=False)
-            self._pid = os.getpid()
-        return self._h5
-
-    def close(self) -> None:
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
-        self._h5 = None
 
     @property
     def params_per_image(self) -> int:

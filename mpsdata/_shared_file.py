@@ -49,12 +49,10 @@ from ._archive import (
     DEFAULT_COMPRESSION,
     FORMAT,
     IN_MEMORY_LIMIT,
+    ProcessLocalFile,
     _checked,
     _hash_datasets,
-    _load_plugins,
     _read,
-    check_header,
-    check_settings,
     filter_options,
 )
 from ._errors import MPSDataError
@@ -227,7 +225,7 @@ def _codec_from(f: h5py.File, path: Path) -> SharedCodec:
     return codec
 
 
-class SharedCoreFile:
+class SharedCoreFile(ProcessLocalFile):
     """Read-only access to a shared-codec core file, safe across ``fork`` and ``spawn``; the reading interface
     of :class:`mpsdata._archive.CoreFile` (``decode``, ``decode_one``, ``verify``, ``targets``, ``mse``,
     ``meta``, ``settings``, ``nbytes``, ``format_version``).
@@ -242,24 +240,10 @@ class SharedCoreFile:
     """
 
     codec_name = CODEC
-
-    def __init__(self, path: str | os.PathLike, expected_settings: dict[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        try:
-            check_header(self.path, expected_settings)
-            with h5py.File(self.path, "r", locking=False) as f:
-                self._read_metadata(f)
-        except MPSDataError:
-            raise
-        except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
-            raise MPSDataError(
-                f"core file {self.path} is truncated, corrupted or not a shared-codec core file ({error}); "
-                "delete it to rebuild it, or check it with `mpsdata verify`"
-            ) from None
-        check_settings(self.path, self.settings, expected_settings)
-        self._pid: int | None = None
-        self._h5: h5py.File | None = None
-        self._memory: np.ndarray | None = None
+    _PROCESS_LOCAL = ("_memory",)
+    _memory: np.ndarray | None  # every byte string, back to back (when they fit IN_MEMORY_LIMIT)
+    _KIND = "shared-codec core file"
+    _ERRORS = (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError)
 
     def _read_metadata(self, f: h5py.File) -> None:
         if f.attrs.get("format") != FORMAT or f.attrs.get("codec") != CODEC:
@@ -324,26 +308,7 @@ class SharedCoreFile:
         per_image = float(self.image_nbytes.mean()) if self.num_samples else 0.0
         return (per_image + self.shared_nbytes / fit_images) / raw
 
-    # -- process-local state ------------------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_h5"] = None  # never ship a handle (or a copy of the byte strings) to another process
-        state["_memory"] = None
-        state["_pid"] = None
-        return state
-
-    def _file(self) -> h5py.File:
-        if self._h5 is None or self._pid != os.getpid():
-            _load_plugins()  # a spawned worker has not imported hdf5plugin yet
-            self._h5 = h5py.File(self.path, "r", locking=False)
-            self._pid = os.getpid()
-        return self._h5
-
-    def close(self) -> None:
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
-        self._h5 = None
-
+    # -- the byte strings, loaded per process ------------------------------------------------------------
     def load(self) -> np.ndarray:
         """Every byte string, back to back with a zero tail, read once per process and checksummed."""
         if self._memory is None:  # arrays inherited through fork stay valid; only handles do not
