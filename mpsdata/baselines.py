@@ -112,6 +112,7 @@ def ice(
     x: torch.Tensor,
     ratio: float | None = None,
     *,
+    bytes_ratio: float | None = None,
     max_bond: int | None = None,
     transform: Literal["dct", "dft"] | None = None,
     site_dims: SiteDims = "hierarchical",
@@ -127,6 +128,8 @@ def ice(
     Args:
         x: Images ``(N, H, W)`` or ``(N, C, H, W)``, uint8 or float.
         ratio: The paper's ratio in ``(0, 1]``; solved into bond dimensions that never exceed it.
+        bytes_ratio: Instead of ``ratio``, a byte budget over the raw uint8 bytes; the factors are float32, so
+            it is ``4 * ratio`` (``bytes_ratio=0.4`` is ``ratio=0.1``).
         max_bond: Instead of ``ratio``, cap every bond at this value (Latorre's ``chi``); a cap at least as
             large as every bond keeps the image exactly, at a ratio that may exceed 1.
         transform: ``None`` (pixels), ``"dct"`` (orthonormal 2-D DCT-II of every channel) or ``"dft"``: the
@@ -160,8 +163,13 @@ def ice(
         tensor(True)
     """
     imgs = _images(x)
-    if (ratio is None) == (max_bond is None):
-        raise ValueError(f"give exactly one budget, ratio or max_bond; got ratio={ratio!r}, max_bond={max_bond!r}")
+    if (ratio is None) + (max_bond is None) + (bytes_ratio is None) != 2:
+        raise ValueError(
+            "give exactly one budget, ratio, bytes_ratio or max_bond; got "
+            f"ratio={ratio!r}, bytes_ratio={bytes_ratio!r}, max_bond={max_bond!r}"
+        )
+    if bytes_ratio is not None:
+        ratio = _factor_ratio(None, bytes_ratio)
     if transform not in (None, "dct", "dft"):
         raise ValueError(f"transform must be None, 'dct' or 'dft', got {transform!r}")
     n, c, h, w = imgs.shape
@@ -186,7 +194,7 @@ def ice(
     )
 
 
-def svd(x: torch.Tensor, ratio: float) -> BaselineResult:
+def svd(x: torch.Tensor, ratio: float | None = None, *, bytes_ratio: float | None = None) -> BaselineResult:
     """Truncated SVD of every channel's ``H x W`` matrix (Eckart-Young: the best rank-``r`` approximation).
 
     The rank is the largest ``r`` with ``r * (H + W) <= ratio * H * W``: the singular values are folded into
@@ -195,6 +203,8 @@ def svd(x: torch.Tensor, ratio: float) -> BaselineResult:
     Args:
         x: Images ``(N, H, W)`` or ``(N, C, H, W)``, uint8 or float.
         ratio: The paper's ratio in ``(0, 1]``.
+        bytes_ratio: Instead of ``ratio``, a byte budget over the raw uint8 bytes; the factors are float32, so
+            it is ``4 * ratio`` (``bytes_ratio=0.4`` is ``ratio=0.1``).
 
     Returns:
         The reconstructions, with ``settings["rank"]``.
@@ -210,11 +220,13 @@ def svd(x: torch.Tensor, ratio: float) -> BaselineResult:
         >>> r = baselines.svd(x, ratio=0.5)
         >>> r.settings["rank"], r.ratio, r.nbytes
         (2, tensor([0.5000], dtype=torch.float64), tensor([128]))
+        >>> baselines.svd(x, bytes_ratio=2.0).nbytes  # 2 bytes per pixel value: the same rank-2 factors
+        tensor([128])
         >>> torch.allclose(r.images, x, atol=1e-3)
         True
     """
     imgs = _images(x)
-    ratio = _check_ratio(ratio)
+    ratio = _factor_ratio(ratio, bytes_ratio)
     n, c, h, w = imgs.shape
     rank = min(math.floor(ratio * h * w / (h + w) + 1e-9), h, w)
     if rank < 1:
@@ -230,7 +242,9 @@ def svd(x: torch.Tensor, ratio: float) -> BaselineResult:
     return _factor_result(_like(left @ right, x), n, params, c * h * w, f"svd rank {rank}", {"rank": rank})
 
 
-def cp(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineResult:
+def cp(
+    x: torch.Tensor, ratio: float | None = None, *, bytes_ratio: float | None = None, n_iter_max: int = 100
+) -> BaselineResult:
     """CP decomposition (Hitchcock 1927) of every image with TensorLy's ``parafac`` (ALS, SVD start).
 
     A gray image is an ``H x W`` matrix, a colour image an ``H x W x C`` tensor. The rank is the largest
@@ -240,6 +254,8 @@ def cp(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineResul
     Args:
         x: Images ``(N, H, W)`` or ``(N, C, H, W)``, uint8 or float.
         ratio: The paper's ratio in ``(0, 1]``.
+        bytes_ratio: Instead of ``ratio``, a byte budget over the raw uint8 bytes; the factors are float32, so
+            it is ``4 * ratio`` (``bytes_ratio=0.4`` is ``ratio=0.1``).
         n_iter_max: ALS iterations per image.
 
     Returns:
@@ -262,7 +278,7 @@ def cp(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineResul
     """
     tl, decomposition = _tensorly()
     imgs = _images(x)
-    ratio = _check_ratio(ratio)
+    ratio = _factor_ratio(ratio, bytes_ratio)
     n_iter_max = _check_int("n_iter_max", n_iter_max, 1)
     n, c, h, w = imgs.shape
     dims = (h, w) if c == 1 else (h, w, c)
@@ -288,7 +304,9 @@ def cp(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineResul
     return _factor_result(_like(_from_numpy_hwc(out), x), n, params, c * h * w, f"cp rank {rank}", {"rank": rank})
 
 
-def tucker(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineResult:
+def tucker(
+    x: torch.Tensor, ratio: float | None = None, *, bytes_ratio: float | None = None, n_iter_max: int = 100
+) -> BaselineResult:
     """Tucker decomposition (Tucker 1966) of every image with TensorLy's ``tucker`` (HOOI, HOSVD start).
 
     A gray image is an ``H x W`` matrix, a colour image an ``H x W x C`` tensor. Parameters are the core and
@@ -299,6 +317,8 @@ def tucker(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineR
     Args:
         x: Images ``(N, H, W)`` or ``(N, C, H, W)``, uint8 or float.
         ratio: The paper's ratio in ``(0, 1]``.
+        bytes_ratio: Instead of ``ratio``, a byte budget over the raw uint8 bytes; the factors are float32, so
+            it is ``4 * ratio`` (``bytes_ratio=0.4`` is ``ratio=0.1``).
         n_iter_max: HOOI iterations per image.
 
     Returns:
@@ -323,7 +343,7 @@ def tucker(x: torch.Tensor, ratio: float, *, n_iter_max: int = 100) -> BaselineR
     """
     tl, decomposition = _tensorly()
     imgs = _images(x)
-    ratio = _check_ratio(ratio)
+    ratio = _factor_ratio(ratio, bytes_ratio)
     n_iter_max = _check_int("n_iter_max", n_iter_max, 1)
     n, c, h, w = imgs.shape
     dims = (h, w) if c == 1 else (h, w, c)
@@ -573,6 +593,21 @@ def _cast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.uint8:
         return y.round().clamp_(0, 255).to(torch.uint8)
     return y.to(dtype)
+
+
+def _factor_ratio(ratio, bytes_ratio) -> float:
+    """The paper's ratio of a factor method from exactly one of ``ratio`` and ``bytes_ratio`` (float32 factors:
+    4 bytes per parameter against 1 byte per uint8 pixel value, so ``ratio = bytes_ratio / 4``)."""
+    if (ratio is None) == (bytes_ratio is None):
+        raise ValueError(
+            f"give exactly one budget, ratio or bytes_ratio; got ratio={ratio!r}, bytes_ratio={bytes_ratio!r}"
+        )
+    if ratio is not None:
+        return _check_ratio(ratio)
+    value = _check_number("bytes_ratio", bytes_ratio)
+    if not 0 < value <= _FLOAT32_BYTES:  # also rejects NaN
+        raise ValueError(f"bytes_ratio must be in (0, {_FLOAT32_BYTES}] for float32 factors, got {bytes_ratio}")
+    return value / _FLOAT32_BYTES
 
 
 def _check_ratio(ratio) -> float:

@@ -443,3 +443,18 @@ def test_cuda_inputs_stay_on_cuda(camera: torch.Tensor) -> None:
     on_gpu = B.k_center_coreset(points.cuda(), 0.05, seed=0)
     assert on_gpu.device.type == "cpu"
     assert _radius(points, on_gpu) == pytest.approx(_radius(points, B.k_center_coreset(points, 0.05, seed=0)), rel=0.2)
+
+
+@pytest.mark.parametrize("name", ["ice", "svd", "cp", "tucker"])
+@pytest.mark.parametrize("bytes_ratio", [0.6, 1.3, 2.8])
+def test_factor_bytes_ratio_is_four_times_ratio(name: str, bytes_ratio: float) -> None:
+    # float32 factors: a byte budget is the same factorisation as ratio = bytes_ratio / 4, and never exceeded.
+    x = torch.rand(2, 20, 24, generator=torch.Generator().manual_seed(1))
+    method = getattr(B, name)
+    by_bytes = method(x, bytes_ratio=bytes_ratio)
+    assert torch.equal(by_bytes.images, method(x, bytes_ratio / 4).images)
+    assert bool((by_bytes.nbytes <= bytes_ratio * 20 * 24).all())
+    with pytest.raises(ValueError, match="exactly one budget"):
+        method(x, 0.2, bytes_ratio=bytes_ratio)
+    with pytest.raises(ValueError, match=r"bytes_ratio must be in \(0, 4\]"):
+        method(x, bytes_ratio=4.5)
