@@ -202,70 +202,54 @@ def _copy_raw(dataset: str, raw: Path, root: Path) -> None:
 
 
 def _summary(path: Path) -> dict[str, Any]:
+    """What `info` prints: the fields every core file has, then those of its kind (MPS cores or shared codec)."""
+    import torch
+
     from ._archive import open_core_file
 
     cores = open_core_file(path)
-    if getattr(cores, "codec_name", "mps") == "shared":
-        return _shared_summary(cores)
-    g = cores.geometry
     values = math.prod(cores.settings["image_shape"])
+    mse = cores.mse.double().clamp_min(1e-10)
+    summary: dict[str, Any] = {
+        "file": str(cores.path),
+        "format_version": cores.format_version,
+        "dataset": cores.settings["dataset"],
+        "split": cores.settings["split"],
+        "images": cores.num_samples,
+        "image_shape": cores.settings["image_shape"],
+        "classes": len(cores.meta["classes"]),
+        "bytes_ratio": cores.nbytes / max(1, cores.num_samples * values),
+        "file_bytes": cores.nbytes,
+        "psnr_db": float((10 * torch.log10(255.0**2 / mse)).mean()) if cores.num_samples else None,
+        "settings": cores.settings,
+        "source": cores.meta.get("source", {}),
+        "content_sha256": cores.content_sha256,
+    }
+    if getattr(cores, "codec_name", "mps") == "shared":
+        summary.update(
+            codec="shared",
+            shared_codec=cores.codec.describe(),
+            shared_fit=cores.meta.get("shared_fit", {}),
+            shared_nbytes=cores.shared_nbytes,
+            amortised_bytes_ratio=cores.amortised_bytes_ratio,
+        )
+        return summary
+    g = cores.geometry
     ranks = cores.ranks.double()
     ones = ranks.new_ones(ranks.shape[:-1] + (1,))
-    import torch
-
     bonds = torch.cat([ones, ranks, ones], -1)
     sites = torch.tensor(g.layout.site_dims, dtype=torch.float64)
     params = (bonds[..., :-1] * sites * bonds[..., 1:]).sum((-1, -2))
-    mse = cores.mse.double().clamp_min(1e-10)
-    return {
-        "file": str(path),
-        "format_version": cores.format_version,
-        "dataset": cores.settings["dataset"],
-        "split": cores.settings["split"],
-        "images": cores.num_samples,
-        "image_shape": cores.settings["image_shape"],
-        "classes": len(cores.meta["classes"]),
-        "layout": g.layout.describe(),
-        "domain": cores.domain,
-        "colour": cores.colour,
-        "bond_dims": list(g.bond_dims),
-        "terms": g.terms,
-        "core_dtype": cores.core_dtype,
-        "ratio": float(params.mean() / values) if cores.num_samples else 0.0,
-        "bytes_ratio": cores.nbytes / max(1, cores.num_samples * values),
-        "file_bytes": cores.nbytes,
-        "psnr_db": float((10 * torch.log10(255.0**2 / mse)).mean()) if cores.num_samples else None,
-        "settings": cores.settings,
-        "source": cores.meta.get("source", {}),
-        "content_sha256": cores.content_sha256,
-    }
-
-
-def _shared_summary(cores) -> dict[str, Any]:
-    values = math.prod(cores.settings["image_shape"])
-    mse = cores.mse.double().clamp_min(1e-10)
-    import torch
-
-    return {
-        "file": str(cores.path),
-        "format_version": cores.format_version,
-        "codec": "shared",
-        "dataset": cores.settings["dataset"],
-        "split": cores.settings["split"],
-        "images": cores.num_samples,
-        "image_shape": cores.settings["image_shape"],
-        "classes": len(cores.meta["classes"]),
-        "shared_codec": cores.codec.describe(),
-        "shared_fit": cores.meta.get("shared_fit", {}),
-        "shared_nbytes": cores.shared_nbytes,
-        "bytes_ratio": cores.nbytes / max(1, cores.num_samples * values),
-        "amortised_bytes_ratio": cores.amortised_bytes_ratio,
-        "file_bytes": cores.nbytes,
-        "psnr_db": float((10 * torch.log10(255.0**2 / mse)).mean()) if cores.num_samples else None,
-        "settings": cores.settings,
-        "source": cores.meta.get("source", {}),
-        "content_sha256": cores.content_sha256,
-    }
+    summary.update(
+        layout=g.layout.describe(),
+        domain=cores.domain,
+        colour=cores.colour,
+        bond_dims=list(g.bond_dims),
+        terms=g.terms,
+        core_dtype=cores.core_dtype,
+        ratio=float(params.mean() / values) if cores.num_samples else 0.0,
+    )
+    return summary
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -273,23 +257,20 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
+    for key in ("file", "dataset", "split", "images", "image_shape", "classes"):
+        print(f"{key:>14}: {summary[key]}")
     if summary.get("codec") == "shared":
-        for key in ("file", "dataset", "split", "images", "image_shape", "classes", "codec", "shared_codec"):
-            print(f"{key:>14}: {summary[key]}")
         fit = summary["shared_fit"]
+        print(f"{'codec':>14}: shared, {summary['shared_codec']}")
         print(f"{'shared_fit':>14}: {fit.get('split')} split, {fit.get('images')} images")
         print(f"{'shared_bytes':>14}: {summary['shared_nbytes']}")
-        print(f"{'bytes_ratio':>14}: {summary['bytes_ratio']:.4f} (file bytes / raw uint8 bytes)")
-        print(f"{'amortised':>14}: {summary['amortised_bytes_ratio']:.4f} (per-image bytes + shared part / fit images)")
-        print(f"{'psnr':>14}: {summary['psnr_db']:.2f} dB (every stored image against its original)")
-        print(f"{'content':>14}: sha256 {summary['content_sha256']}")
-        return 0
-    keys = ("file", "dataset", "split", "images", "image_shape", "classes", "layout", "domain", "colour", "bond_dims")
-    for key in (*keys, "terms"):
-        print(f"{key:>14}: {summary[key]}")
-    print(f"{'core_dtype':>14}: {summary['core_dtype']}")
-    print(f"{'ratio':>14}: {summary['ratio']:.4f} (paper: parameters / pixel values)")
+    else:
+        for key in ("layout", "domain", "colour", "bond_dims", "terms", "core_dtype"):
+            print(f"{key:>14}: {summary[key]}")
+        print(f"{'ratio':>14}: {summary['ratio']:.4f} (paper: parameters / pixel values)")
     print(f"{'bytes_ratio':>14}: {summary['bytes_ratio']:.4f} (file bytes / raw uint8 bytes)")
+    if summary.get("codec") == "shared":
+        print(f"{'amortised':>14}: {summary['amortised_bytes_ratio']:.4f} (per-image bytes + shared part / fit images)")
     print(f"{'psnr':>14}: {summary['psnr_db']:.2f} dB (every stored image against its original)")
     print(f"{'content':>14}: sha256 {summary['content_sha256']}")
     return 0
