@@ -58,6 +58,7 @@ __all__ = [
     "ProcessLocalFile",
     "check_header",
     "check_settings",
+    "check_written",
     "open_core_file",
     "write_core_file",
     "settings_key",
@@ -260,9 +261,14 @@ def _write_batches(f, batches, num_samples, image_shape, options, core_dtype, fi
             bar.update(n)
     finally:
         bar.close()
+    check_written(written, num_samples)
+
+
+def check_written(written: int, num_samples: int) -> None:
+    """A writer's batches must hold exactly the announced images, and at least one."""
     if written != num_samples:
         raise ValueError(f"the batches yielded {written} images, {num_samples} were announced")
-    if not cores_ds:
+    if written == 0:
         raise ValueError("cannot build a core file from an empty dataset")
 
 

@@ -53,6 +53,7 @@ from ._archive import (
     _checked,
     _hash_datasets,
     _read,
+    check_written,
     filter_options,
 )
 from ._errors import MPSDataError
@@ -168,10 +169,7 @@ def write_shared_file(
                     bar.update(n)
             finally:
                 bar.close()
-            if written != num_samples:
-                raise ValueError(f"the batches yielded {written} images, {num_samples} were announced")
-            if written == 0:
-                raise ValueError("cannot build a core file from an empty dataset")
+            check_written(written, num_samples)
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = SHARED_FORMAT_VERSION
             f.attrs["codec"] = CODEC
