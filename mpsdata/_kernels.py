@@ -29,156 +29,16 @@ _JIT = {"nogil": True, "error_model": "numpy", "cache": True}
 
 
 @numba.njit(**_JIT)
-def _tred2(V, d, e, n):
-    """Householder reduction of the symmetric ``V`` to tridiagonal form (``d`` diagonal, ``e`` off-diagonal).
+def _tred2_lanes(Z, D, E, H, n, t):
+    """Householder tridiagonalisation (EISPACK ``tred2``) of ``Z[:n, :n, l]`` on every lane at once.
 
-    ``V`` is overwritten by the orthogonal transform. EISPACK ``tred2`` (Martin, Reinsch & Wilkinson 1968),
-    as in JAMA; the symmetric eigensolver of choice for the small matrices here (see module docstring).
-    """
-    for j in range(n):
-        d[j] = V[n - 1, j]
-    for i in range(n - 1, 0, -1):
-        scale = 0.0
-        h = 0.0
-        for k in range(i):
-            scale += abs(d[k])
-        if scale == 0.0:
-            e[i] = d[i - 1]
-            for j in range(i):
-                d[j] = V[i - 1, j]
-                V[i, j] = 0.0
-                V[j, i] = 0.0
-        else:
-            for k in range(i):
-                d[k] /= scale
-                h += d[k] * d[k]
-            f = d[i - 1]
-            g = np.sqrt(h)
-            if f > 0:
-                g = -g
-            e[i] = scale * g
-            h = h - f * g
-            d[i - 1] = f - g
-            for j in range(i):
-                e[j] = 0.0
-            for j in range(i):
-                f = d[j]
-                V[j, i] = f
-                g = e[j] + V[j, j] * f
-                for k in range(j + 1, i):
-                    g += V[k, j] * d[k]
-                    e[k] += V[k, j] * f
-                e[j] = g
-            f = 0.0
-            for j in range(i):
-                e[j] /= h
-                f += e[j] * d[j]
-            hh = f / (h + h)
-            for j in range(i):
-                e[j] -= hh * d[j]
-            for j in range(i):
-                f = d[j]
-                g = e[j]
-                for k in range(j, i):
-                    V[k, j] -= f * e[k] + g * d[k]
-                d[j] = V[i - 1, j]
-                V[i, j] = 0.0
-        d[i] = h
-    for i in range(n - 1):
-        V[n - 1, i] = V[i, i]
-        V[i, i] = 1.0
-        h = d[i + 1]
-        if h != 0.0:
-            for k in range(i + 1):
-                d[k] = V[k, i + 1] / h
-            for j in range(i + 1):
-                g = 0.0
-                for k in range(i + 1):
-                    g += V[k, i + 1] * V[k, j]
-                for k in range(i + 1):
-                    V[k, j] -= g * d[k]
-        for k in range(i + 1):
-            V[k, i + 1] = 0.0
-    for j in range(n):
-        d[j] = V[n - 1, j]
-        V[n - 1, j] = 0.0
-    V[n - 1, n - 1] = 1.0
-    e[0] = 0.0
-
-
-@numba.njit(**_JIT)
-def _tql2(V, d, e, n, eps, vectors):
-    """Implicit QL iterations on the tridiagonal ``d, e``, accumulating eigenvectors into ``V`` (EISPACK ``tql2``)."""
-    for i in range(1, n):
-        e[i - 1] = e[i]
-    e[n - 1] = 0.0
-    f = 0.0
-    tst1 = 0.0
-    for low in range(n):
-        tst1 = max(tst1, abs(d[low]) + abs(e[low]))
-        m = low
-        while m < n:
-            if abs(e[m]) <= eps * tst1:
-                break
-            m += 1
-        if m == n:
-            m = n - 1
-        if m > low:
-            for _ in range(60):
-                g = d[low]
-                p = (d[low + 1] - g) / (2.0 * e[low])
-                r = np.hypot(p, 1.0)
-                if p < 0:
-                    r = -r
-                d[low] = e[low] / (p + r)
-                d[low + 1] = e[low] * (p + r)
-                dl1 = d[low + 1]
-                h = g - d[low]
-                for i in range(low + 2, n):
-                    d[i] -= h
-                f += h
-                p = d[m]
-                c = 1.0
-                c2 = c
-                c3 = c
-                el1 = e[low + 1]
-                s = 0.0
-                s2 = 0.0
-                for i in range(m - 1, low - 1, -1):
-                    c3 = c2
-                    c2 = c
-                    s2 = s
-                    g = c * e[i]
-                    h = c * p
-                    r = np.hypot(p, e[i])
-                    e[i + 1] = s * r
-                    s = e[i] / r
-                    c = p / r
-                    p = c * d[i] - s * g
-                    d[i + 1] = h + s * (c * g + s * d[i])
-                    if vectors:
-                        for k in range(n):
-                            h = V[k, i + 1]
-                            V[k, i + 1] = s * V[k, i] + c * h
-                            V[k, i] = c * V[k, i] - s * h
-                p = -s * s2 * c3 * el1 * e[low] / dl1
-                e[low] = s * p
-                d[low] = c * p
-                if abs(e[low]) <= eps * tst1:
-                    break
-        d[low] = d[low] + f
-        e[low] = 0.0
-
-
-@numba.njit(**_JIT)
-def _tred2_lanes(Z, D, E, n, vectors, t):
-    """``tred2`` on every lane at once: ``Z[:, :, l]`` (symmetric) to tridiagonal ``D[:n, l]``, ``E[:n, l]``.
-
-    The scalar ``_tred2`` with lanes innermost and its zero-column branch replaced by masks (a zero
-    column, or one below ``eps**2`` of the matrix, which should be scaled to norm about one, gives the
-    identity step, as the branch does); divisions by ``h`` are multiplications by its inverse. On return
-    ``Z[y, x, l]`` holds the orthogonal transform ``V[x, y]`` (transposed, as ``_tql2_lanes`` wants it)
-    when ``vectors``, else garbage. ``t`` is ``(6, L)`` scratch.
+    Lanes innermost, with ``tred2``'s zero-column branch replaced by masks (a zero column, or one below
+    ``eps**2`` of the matrix, which should be scaled to norm about one, gives the identity step, as the
+    branch does); divisions by ``h`` are multiplications by its inverse. On return ``D[:n, l]`` is the
+    diagonal and ``E[i, l]`` the coupling of ``i - 1`` and ``i`` (``E[0] = 0``). The transform is not
+    accumulated: reflector ``i`` (``1 <= i < n``) is ``I - u u^T / h`` with ``u = Z[i, :i, l]`` and
+    ``H[i, l] = 1 / h`` (0 for the identity step), and an eigenvector ``y`` of the tridiagonal matrix maps
+    to ``P_{n-1} ... P_1 y`` (``_reflect``). ``t`` is ``(6, L)`` scratch.
     """
     L = Z.shape[2]
     zero = D.dtype.type(0.0)
@@ -257,73 +117,26 @@ def _tred2_lanes(Z, D, E, n, vectors, t):
                 Z[j, i, lane] = zero
         for lane in range(L):
             D[i, lane] = hv[lane]
-    if not vectors:  # the diagonal is already in place; the accumulation only builds the transform
-        for j in range(n):
-            for lane in range(L):
-                D[j, lane] = Z[j, j, lane]
-        for lane in range(L):
-            E[0, lane] = zero
-        return
-    for i in range(n - 1):
-        for lane in range(L):
-            Z[i, n - 1, lane] = Z[i, i, lane]
-            Z[i, i, lane] = one
-            h = D[i + 1, lane]
-            hinv[lane] = one / h if h != zero else zero
-        for k in range(i + 1):
-            for lane in range(L):
-                D[k, lane] = Z[i + 1, k, lane] * hinv[lane]
-        for j in range(i + 1):
-            for lane in range(L):
-                gv[lane] = zero
-            for k in range(i + 1):
-                for lane in range(L):
-                    gv[lane] += Z[i + 1, k, lane] * Z[j, k, lane]
-            for k in range(i + 1):
-                for lane in range(L):
-                    Z[j, k, lane] -= gv[lane] * D[k, lane]
-        for k in range(i + 1):
-            for lane in range(L):
-                Z[i + 1, k, lane] = zero
     for j in range(n):
         for lane in range(L):
-            D[j, lane] = Z[j, n - 1, lane]
-            Z[j, n - 1, lane] = zero
+            h = D[j, lane]
+            H[j, lane] = one / h if j > 0 and h != zero else zero
+            D[j, lane] = Z[j, j, lane]
     for lane in range(L):
-        Z[n - 1, n - 1, lane] = one
         E[0, lane] = zero
 
 
 @numba.njit(**_JIT)
-def _rotate_rows(Vt, i, c, s):
-    """Apply every lane's plane rotation ``(c, s)`` to rows ``i`` and ``i + 1`` of ``Vt[:, :, lane]``.
-
-    Written over flat row views: with two slices of one array LLVM vectorises only when it can check
-    their distance once per call.
-    """
-    n, L = Vt.shape[1], Vt.shape[2]
-    x = Vt[i + 1].reshape(n * L)
-    y = Vt[i].reshape(n * L)
-    for k in range(n):
-        for lane in range(L):
-            j = k * L + lane
-            a = x[j]
-            b = y[j]
-            x[j] = s[lane] * b + c[lane] * a
-            y[j] = c[lane] * b - s[lane] * a
-
-
-@numba.njit(**_JIT)
-def _tql2_lanes(Vt, d, e, n, eps, vectors, work, act):
+def _tql2_lanes(d, e, n, eps, work, act):
     """Implicit QL (EISPACK ``tql2``) on the tridiagonal ``d[:n, l]``, ``e[:n, l]`` of every lane at once.
 
     The scalar ``tql2`` is one long chain of dependent square roots and divisions, so its speed is set by
     latency; here every step runs over all lanes, and the lanes hide each other's latency. Lanes move in
     lockstep: a lane whose leading coupling has converged sits the step out (masked), and the chase runs
     over the whole trailing matrix instead of stopping where ``tql2`` would split it (a rotation across a
-    zero coupling is exact, and couplings ``tql2`` would neglect are set to zero first). ``Vt[i, :, l]``
-    (the transposed eigenvector matrix) accumulates the rotations when ``vectors``. ``work`` is ``(11, L)``
-    scratch, ``act`` ``(L,)`` booleans. The matrix should be scaled to norm about one (no hypot here).
+    zero coupling is exact, and couplings ``tql2`` would neglect are set to zero first). Eigenvalues only:
+    on return ``d[:n, l]`` holds them, unsorted; ``e`` is destroyed. ``work`` is ``(11, L)`` scratch,
+    ``act`` ``(L,)`` booleans. The matrix should be scaled to norm about one (no hypot here).
     """
     L = d.shape[1]
     one = d.dtype.type(1.0)
@@ -405,8 +218,6 @@ def _tql2_lanes(Vt, d, e, n, eps, vectors, work, act):
                     d[i + 1, lane] = h + s * (c * g + s * di) if a else d[i + 1, lane]
                     cv[lane] = c
                     sv[lane] = s
-                if vectors:
-                    _rotate_rows(Vt, i, cv, sv)
             for lane in range(L):
                 if act[lane]:
                     p = -sv[lane] * s2v[lane] * c3v[lane] * el1v[lane] * e[low, lane] / dl1v[lane]
@@ -418,28 +229,12 @@ def _tql2_lanes(Vt, d, e, n, eps, vectors, work, act):
 
 
 @numba.njit(**_JIT)
-def _eigh_lanes(G, V, n, eps, W, d, e, vectors, work, act):
-    """Eigendecomposition of the leading ``n x n`` block of every lane of ``G``.
-
-    On return ``G[p, p, l]`` holds the eigenvalues (unsorted) and, with ``vectors``, ``V[p, :, l]`` the
-    eigenvector of eigenvalue ``p`` (rows: the transposed eigenvector matrix). Up to ``_LAPACK_MIN`` the
-    lanes are tridiagonalised one by one (``tred2``, after an exact power-of-two scaling to norm about one)
-    and diagonalised together (``_tql2_lanes``). ``W``, ``d``, ``e`` are scratch of at least ``n x n``,
-    ``n``, ``n``; ``work`` is ``(2 n + 12, L)`` scratch and ``act`` ``(L,)`` booleans.
-    """
+def _tridiagonal_lanes(G, n, Z, T, work):
+    """Scale every lane of ``G[:n, :n]`` by a power of two to norm about one (exact), copy it to ``Z`` and
+    tridiagonalise it there (``_tred2_lanes``: diagonal ``T[:n]``, couplings ``T[n:2n]``, reflector
+    factors ``T[2n:3n]``). ``work[11]`` gets the scale, ``work[12]`` its inverse."""
     L = G.shape[2]
-    if n > _LAPACK_MIN:
-        for lane in range(L):
-            w, vec = np.linalg.eigh(np.ascontiguousarray(G[:n, :n, lane]))
-            for p in range(n):
-                G[p, p, lane] = w[p]
-                for q in range(n):
-                    V[p, q, lane] = vec[q, p]
-        return
-    D = work[:n]
-    E = work[n : 2 * n]
-    unscale = work[2 * n]
-    scale = work[2 * n + 1]
+    scale, unscale = work[11], work[12]
     for lane in range(L):
         big = 0.0
         for p in range(n):
@@ -450,52 +245,254 @@ def _eigh_lanes(G, V, n, eps, W, d, e, vectors, work, act):
     for p in range(n):
         for q in range(n):
             for lane in range(L):
-                V[p, q, lane] = G[p, q, lane] * scale[lane]
-    _tred2_lanes(V, D, E, n, vectors, work[2 * n + 1 :])
-    _tql2_lanes(V, D, E, n, eps, vectors, work[2 * n + 1 :], act)
-    for p in range(n):
-        for lane in range(L):
-            G[p, p, lane] = D[p, lane] * unscale[lane]
+                Z[p, q, lane] = G[p, q, lane] * scale[lane]
+    _tred2_lanes(Z, T[:n], T[n : 2 * n], T[2 * n : 3 * n], n, work[:6])
 
 
 @numba.njit(**_JIT)
-def _select(G, V, n, cap, use_tol, delta2, Vs, sv, ranks_k, eps2_k):
-    """Sort the top ``cap`` eigenpairs of every lane, choose its rank and its truncation error.
+def _eigenvalues_lanes(T, n, eps, work, act):
+    """All eigenvalues of the tridiagonal matrices of ``T`` (from ``_tridiagonal_lanes``, still scaled)
+    into ``T[3n:4n]``, unsorted; ``T[4n:5n]`` is scratch."""
+    L = T.shape[1]
+    for i in range(n):
+        for lane in range(L):
+            T[3 * n + i, lane] = T[i, lane]
+            T[4 * n + i, lane] = T[n + i, lane]
+    _tql2_lanes(T[3 * n : 4 * n], T[4 * n : 5 * n], n, eps, work[:11], act)
 
-    ``V[p, :, l]`` is the eigenvector of eigenvalue ``G[p, p, l]``. Writes the sorted eigenvectors to
-    ``Vs[:, a, l]`` and eigenvalues to ``sv[a, l]`` (``a < cap``). The rank of a lane is ``cap``, or with
-    ``use_tol`` the smallest rank whose discarded weight is at most ``delta2[l]``; pairs beyond the rank
-    are zeroed.
+
+@numba.njit(**_JIT)
+def _lapack_lane(G, n, cap, lane, Vs, sv):
+    """Top ``cap`` eigenpairs of one lane by LAPACK (large matrices, and lanes the fast path cannot do)."""
+    w, v = np.linalg.eigh(np.ascontiguousarray(G[:n, :n, lane]))
+    for a in range(cap):
+        sv[a, lane] = max(w[n - 1 - a], 0.0)
+        for p in range(n):
+            Vs[p, a, lane] = v[p, n - 1 - a]
+
+
+@numba.njit(**_JIT)
+def _gram_schmidt(Y, a, n, z, check, work, act):
+    """Orthogonalise ``z`` (``(n, L)``, unit norm) against ``Y[:a]`` twice and normalise it.
+
+    With ``check``, ``act[l]`` says whether lane ``l`` lost more than three quarters of its norm in the
+    first pass (or is not finite): its vector was mostly in the span of the earlier ones, so what is
+    left is amplified error rather than a new direction.
+    """
+    L = z.shape[1]
+    dot, norm2 = work[13], work[14]
+    for rep in range(2):
+        for b in range(a):
+            for lane in range(L):
+                dot[lane] = 0.0
+            for i in range(n):
+                for lane in range(L):
+                    dot[lane] += Y[b, i, lane] * z[i, lane]
+            for i in range(n):
+                for lane in range(L):
+                    z[i, lane] -= dot[lane] * Y[b, i, lane]
+        for lane in range(L):
+            norm2[lane] = 0.0
+        for i in range(n):
+            for lane in range(L):
+                norm2[lane] += z[i, lane] * z[i, lane]
+        if check and rep == 0:
+            for lane in range(L):
+                act[lane] = not norm2[lane] >= 0.25  # NaN counts as lost
+        for lane in range(L):
+            norm2[lane] = 1.0 / np.sqrt(norm2[lane]) if norm2[lane] > 0.0 else 0.0
+        for i in range(n):
+            for lane in range(L):
+                z[i, lane] *= norm2[lane]
+
+
+@numba.njit(**_JIT)
+def _complete_lane(Y, a, n, lane, z):
+    """A unit vector orthogonal to ``Y[:a]`` for one lane: the standard basis vector with the most weight
+    outside their span, orthogonalised twice. For eigenvalues at rounding level, whose eigenvectors
+    are any completion of the kept ones."""
+    best = -1.0
+    pick = 0
+    for j in range(n):
+        rest = 1.0
+        for b in range(a):
+            rest -= Y[b, j, lane] * Y[b, j, lane]
+        if rest > best:
+            best = rest
+            pick = j
+    for i in range(n):
+        z[i, lane] = 1.0 if i == pick else 0.0
+    for _ in range(2):
+        for b in range(a):
+            dot = 0.0
+            for i in range(n):
+                dot += Y[b, i, lane] * z[i, lane]
+            for i in range(n):
+                z[i, lane] -= dot * Y[b, i, lane]
+        norm2 = 0.0
+        for i in range(n):
+            norm2 += z[i, lane] * z[i, lane]
+        for i in range(n):
+            z[i, lane] /= np.sqrt(norm2)
+
+
+@numba.njit(**_JIT)
+def _twisted_vector(T, n, lam, pivmin, pick, work, z):
+    """Eigenvector of every lane's tridiagonal matrix for its (accurate) eigenvalue ``lam[l]``, unnormalised.
+
+    One solve with a twisted factorisation of ``T - lam I`` (Dhillon & Parlett 2004): the stationary
+    ``L D L^T`` from the top (``Dp``) and ``U D U^T`` from the bottom (``Dm``) meet at the index ``r``
+    where ``|gamma_r| = |Dp_r + Dm_r - (d_r - lam)|`` is smallest, the row where the eigenvector is
+    large, and ``z_r = 1`` is propagated outwards. Pivots below ``pivmin`` are replaced by ``-pivmin``.
+    """
+    L = T.shape[1]
+    D, E, b2, Dp, Dm = T[:n], T[n : 2 * n], T[4 * n : 5 * n], T[5 * n : 6 * n], T[6 * n : 7 * n]
+    best = work[15]
+    for lane in range(L):
+        x = D[0, lane] - lam[lane]
+        Dp[0, lane] = x if abs(x) >= pivmin else -pivmin
+        x = D[n - 1, lane] - lam[lane]
+        Dm[n - 1, lane] = x if abs(x) >= pivmin else -pivmin
+    for i in range(1, n):
+        for lane in range(L):
+            x = (D[i, lane] - lam[lane]) - b2[i - 1, lane] / Dp[i - 1, lane]
+            Dp[i, lane] = x if abs(x) >= pivmin else -pivmin
+    for i in range(n - 2, -1, -1):
+        for lane in range(L):
+            x = (D[i, lane] - lam[lane]) - b2[i, lane] / Dm[i + 1, lane]
+            Dm[i, lane] = x if abs(x) >= pivmin else -pivmin
+    for lane in range(L):
+        best[lane] = np.inf
+        pick[lane] = 0
+    for i in range(n):
+        for lane in range(L):
+            g = abs(Dp[i, lane] + Dm[i, lane] - (D[i, lane] - lam[lane]))
+            if g < best[lane]:
+                best[lane] = g
+                pick[lane] = i
+    for i in range(n):
+        for lane in range(L):
+            z[i, lane] = 1.0 if i == pick[lane] else 0.0
+    for i in range(n - 2, -1, -1):
+        for lane in range(L):
+            if i < pick[lane]:
+                z[i, lane] = -(E[i + 1, lane] * z[i + 1, lane]) / Dp[i, lane]
+    for i in range(1, n):
+        for lane in range(L):
+            if i > pick[lane]:
+                z[i, lane] = -(E[i, lane] * z[i - 1, lane]) / Dm[i, lane]
+
+
+@numba.njit(**_JIT)
+def _reflect(Z, H, v, n, s):
+    """Map the tridiagonal eigenvectors ``v`` (``(n, L)``) back to the matrix: ``P_{n-1} ... P_1 v``."""
+    L = v.shape[1]
+    for i in range(1, n):
+        for lane in range(L):
+            s[lane] = 0.0
+        for j in range(i):
+            for lane in range(L):
+                s[lane] += Z[i, j, lane] * v[j, lane]
+        for lane in range(L):
+            s[lane] *= H[i, lane]
+        for j in range(i):
+            for lane in range(L):
+                v[j, lane] -= s[lane] * Z[i, j, lane]
+
+
+@numba.njit(**_JIT)
+def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
+    """Top ``cap`` eigenpairs of the leading ``n x n`` block of every lane of ``G`` (symmetric, PSD).
+
+    Writes the eigenvalues in descending order to ``sv[:cap, l]`` (clamped at zero), their eigenvectors
+    to ``Vs[:n, :cap, l]`` and the trace to ``total[l]``; ``G`` is not changed. Up to ``_LAPACK_MIN``,
+    on all lanes at once: tridiagonalisation without accumulating the transform, all eigenvalues by QL,
+    then one twisted solve per kept eigenvalue, Gram-Schmidt against the earlier vectors (in the
+    tridiagonal basis) and the reflectors applied to the kept vectors only, ``O(n^2 cap)`` instead of
+    the ``O(n^3)`` of accumulated rotations. A vector that comes out dependent on the earlier ones (a
+    cluster of nearly equal eigenvalues) is redone by LAPACK for its lane, unless its eigenvalue is at
+    rounding level: then any completion of the kept vectors is as good. Scratch: ``Z`` ``(n, n, L)``,
+    ``T`` ``(8 n, L)``, ``Y`` ``(cap, n, L)``, ``work`` ``(16, L)``, ``act``/``fail`` ``(L,)`` booleans,
+    ``pick`` ``(L,)`` integers; every entry read is written first.
     """
     L = G.shape[2]
+    eps = np.finfo(G.dtype).eps
     for lane in range(L):
-        total = 0.0
-        for p in range(n):
-            total += max(G[p, p, lane], 0.0)
+        total[lane] = 0.0
+    for p in range(n):
+        for lane in range(L):
+            total[lane] += G[p, p, lane]
+    if n > _LAPACK_MIN:
+        for lane in range(L):
+            _lapack_lane(G, n, cap, lane, Vs, sv)
+        return
+    _tridiagonal_lanes(G, n, Z, T, work)
+    _eigenvalues_lanes(T, n, eps, work, act)
+    w, b2, z = T[3 * n : 4 * n], T[4 * n : 5 * n], T[7 * n : 8 * n]
+    unscale = work[12]
+    for lane in range(L):  # the top cap eigenvalues, descending (the first of equal ones first)
         for a in range(cap):
-            best = 0
-            best_val = -np.inf
+            top = -np.inf
+            at = 0
             for p in range(n):
-                if G[p, p, lane] > best_val:
-                    best_val = G[p, p, lane]
-                    best = p
-            G[best, best, lane] = -np.inf  # taken
-            sv[a, lane] = max(best_val, 0.0)
-            for p in range(n):
-                Vs[p, a, lane] = V[best, p, lane]
+                if w[p, lane] > top:
+                    top = w[p, lane]
+                    at = p
+            w[at, lane] = -np.inf
+            sv[a, lane] = top
+        fail[lane] = False
+    for i in range(n - 1):
+        for lane in range(L):
+            b2[i, lane] = T[n + i + 1, lane] * T[n + i + 1, lane]
+    pivmin = eps * eps  # the matrices are scaled to norm about one
+    for a in range(cap):
+        lam = sv[a]
+        _twisted_vector(T, n, lam, pivmin, pick, work, z)
+        _gram_schmidt(Y, 0, n, z, False, work, act)  # normalise
+        _gram_schmidt(Y, a, n, z, True, work, act)
+        for lane in range(L):
+            if act[lane]:
+                if lam[lane] <= 4 * n * eps * max(sv[0, lane], 0.0):
+                    _complete_lane(Y, a, n, lane, z)
+                else:
+                    fail[lane] = True
+        for i in range(n):
+            for lane in range(L):
+                Y[a, i, lane] = z[i, lane]
+    for a in range(cap):
+        _reflect(Z, T[2 * n : 3 * n], Y[a], n, work[13])
+        for p in range(n):
+            for lane in range(L):
+                Vs[p, a, lane] = Y[a, p, lane]
+        for lane in range(L):
+            sv[a, lane] = max(sv[a, lane] * unscale[lane], 0.0)
+    for lane in range(L):
+        if fail[lane]:
+            _lapack_lane(G, n, cap, lane, Vs, sv)
+
+
+@numba.njit(**_JIT)
+def _choose_rank(n, cap, use_tol, delta2, total, Vs, sv, ranks_k, eps2_k):
+    """Rank of every lane and its truncation error, from the sorted top eigenpairs and the trace.
+
+    The rank is ``cap``, or with ``use_tol`` the smallest rank whose discarded weight is at most
+    ``delta2[l]``; pairs beyond the rank are zeroed.
+    """
+    L = sv.shape[1]
+    for lane in range(L):
         rank = cap
         if use_tol:
             kept = 0.0
             for r in range(1, cap + 1):
                 kept += sv[r - 1, lane]
-                if total - kept <= delta2[lane]:
+                if total[lane] - kept <= delta2[lane]:
                     rank = r
                     break
         kept = 0.0
         for a in range(rank):
             kept += sv[a, lane]
         ranks_k[lane] = rank
-        eps2_k[lane] = max(total - kept, 0.0)
+        eps2_k[lane] = max(total[lane] - kept, 0.0)
         for a in range(rank, cap):
             sv[a, lane] = 0.0
             for p in range(n):
@@ -503,8 +500,12 @@ def _select(G, V, n, cap, use_tol, delta2, Vs, sv, ranks_k, eps2_k):
 
 
 @numba.njit(**_JIT)
-def _ttsvd_block(X, sites, caps, offs, use_tol, delta2, core, C, C2, G, V, Vs, sv, ranks, eps2, W, dv, ev, work, act):
-    """TT-SVD of one block of images ``X[N, L]``, cores written to ``core[P, L]`` with bonds ``caps``."""
+def _ttsvd_block(X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv, total, ranks, eps2):
+    """TT-SVD of one block of images ``X[N, L]``, cores written to ``core[P, L]`` with bonds ``caps``.
+
+    A bond that keeps every row of its unfolding (``cap == m <= ncol``, no ``tol``) needs no SVD: any
+    orthonormal basis of the rows is exact, and the identity leaves the remainder as it is.
+    """
     N, L = X.shape
     n_sites = sites.shape[0]
     eps = np.finfo(X.dtype).eps
@@ -518,6 +519,17 @@ def _ttsvd_block(X, sites, caps, offs, use_tol, delta2, core, C, C2, G, V, Vs, s
         ncol = rest // sites[k]
         cap = caps[k]
         off = offs[k]
+        if m <= ncol and cap == m and not use_tol:
+            for p in range(m):
+                for a in range(cap):
+                    for lane in range(L):
+                        core[off + p * cap + a, lane] = 1.0 if p == a else 0.0
+            for lane in range(L):
+                ranks[k, lane] = m
+                eps2[k, lane] = 0.0
+            left = cap
+            rest = ncol
+            continue
         if m <= ncol:
             for p in range(m):
                 for q in range(p, m):
@@ -528,8 +540,8 @@ def _ttsvd_block(X, sites, caps, offs, use_tol, delta2, core, C, C2, G, V, Vs, s
                             G[p, q, lane] += C[p * ncol + t, lane] * C[q * ncol + t, lane]
                     for lane in range(L):
                         G[q, p, lane] = G[p, q, lane]
-            _eigh_lanes(G, V, m, eps, W, dv, ev, True, work, act)
-            _select(G, V, m, cap, use_tol, delta2, Vs, sv, ranks[k], eps2[k])
+            _eigh_top_lanes(G, m, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total)
+            _choose_rank(m, cap, use_tol, delta2, total, Vs, sv, ranks[k], eps2[k])
             for p in range(m):
                 for a in range(cap):
                     for lane in range(L):
@@ -556,8 +568,8 @@ def _ttsvd_block(X, sites, caps, offs, use_tol, delta2, core, C, C2, G, V, Vs, s
                 for q in range(p + 1, ncol):
                     for lane in range(L):
                         G[q, p, lane] = G[p, q, lane]
-            _eigh_lanes(G, V, ncol, eps, W, dv, ev, True, work, act)
-            _select(G, V, ncol, cap, use_tol, delta2, Vs, sv, ranks[k], eps2[k])
+            _eigh_top_lanes(G, ncol, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total)
+            _choose_rank(ncol, cap, use_tol, delta2, total, Vs, sv, ranks[k], eps2[k])
             # sv holds squared singular values. U = C V / sigma and the remainder sigma V^T multiply back to
             # C V V^T whatever sigma's accuracy, so only values below rounding level (which could overflow
             # the division) are dropped.
@@ -643,11 +655,11 @@ def _gram_size(sites: np.ndarray, caps: np.ndarray, own_tail: np.ndarray) -> int
 
 
 @numba.njit(**_JIT)
-def _unfolding_tail(X, left, rank, G, V, W, d, e, work, act, out):
+def _unfolding_tail(X, left, rank, G, Z, T, work, act, total, out):
     """Discarded weight of the best rank-``rank[l]`` approximation of the ``left x rest`` unfolding of X.
 
     This is ``eps_k^2`` of paper Definition 1 (squared, summed as in Oseledets 2011), for the bound of
-    Theorem 1. Only eigenvalues are needed, so no eigenvectors are accumulated.
+    Theorem 1: the trace of the Gram matrix minus its top ``rank`` eigenvalues (no eigenvectors).
     """
     N, L = X.shape
     right = N // left
@@ -667,18 +679,34 @@ def _unfolding_tail(X, left, rank, G, V, W, d, e, work, act, out):
                         G[p, q, lane] += X[i * right + p, lane] * X[i * right + q, lane]
             for lane in range(L):
                 G[q, p, lane] = G[p, q, lane]
-    _eigh_lanes(G, V, n, eps, W, d, e, False, work, act)
     for lane in range(L):
-        for p in range(n):
-            d[p] = G[p, p, lane]
-        d[:n].sort()
-        total = 0.0
-        for p in range(n):
-            total += max(d[p], 0.0)
+        total[lane] = 0.0
+    for p in range(n):
+        for lane in range(L):
+            total[lane] += G[p, p, lane]
+    if n > _LAPACK_MIN:
+        for lane in range(L):
+            w = np.linalg.eigvalsh(np.ascontiguousarray(G[:n, :n, lane]))
+            kept = 0.0
+            for a in range(min(rank[lane], n)):
+                kept += max(w[n - 1 - a], 0.0)
+            out[lane] = max(total[lane] - kept, 0.0)
+        return
+    _tridiagonal_lanes(G, n, Z, T, work)
+    _eigenvalues_lanes(T, n, eps, work, act)
+    w, unscale = T[3 * n : 4 * n], work[12]
+    for lane in range(L):
         kept = 0.0
-        for a in range(min(rank[lane], n)):
-            kept += max(d[n - 1 - a], 0.0)
-        out[lane] = max(total - kept, 0.0)
+        for _ in range(min(rank[lane], n)):
+            top = -np.inf
+            at = 0
+            for p in range(n):
+                if w[p, lane] > top:
+                    top = w[p, lane]
+                    at = p
+            w[at, lane] = -np.inf
+            kept += max(top, 0.0)
+        out[lane] = max(total[lane] - kept * unscale[lane], 0.0)
 
 
 @numba.njit(**_JIT)
@@ -691,23 +719,27 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
     cap_max = 1
     for k in range(n_bonds):
         cap_max = max(cap_max, caps[k])
-    X = np.empty((N, L), dtype)
-    C = np.empty((N, L), dtype)
-    C2 = np.empty((N, L), dtype)
-    G = np.empty((gram, gram, L), dtype)
-    V = np.empty((gram, gram, L), dtype)
-    W = np.empty((gram, gram), dtype)
-    dv = np.empty(gram, dtype)
-    ev = np.empty(gram, dtype)
-    work = np.empty((2 * gram + 12, L), dtype)
-    act = np.empty(L, np.bool_)
-    Vs = np.empty((gram, cap_max, L), dtype)
-    sv = np.empty((cap_max, L), dtype)
+    # Scratch is zeroed once; the kernels write every entry before they read it, so a lane's result never
+    # depends on what an earlier block or a neighbouring lane left behind.
+    X = np.zeros((N, L), dtype)
+    C = np.zeros((N, L), dtype)
+    C2 = np.zeros((N, L), dtype)
+    G = np.zeros((gram, gram, L), dtype)
+    Z = np.zeros((gram, gram, L), dtype)
+    T = np.zeros((8 * gram, L), dtype)
+    Y = np.zeros((cap_max, gram, L), dtype)
+    work = np.zeros((16, L), dtype)
+    act = np.zeros(L, np.bool_)
+    fail = np.zeros(L, np.bool_)
+    pick = np.zeros(L, np.int64)
+    Vs = np.zeros((gram, cap_max, L), dtype)
+    sv = np.zeros((cap_max, L), dtype)
+    total = np.zeros(L, dtype)
     core = np.zeros((offs[-1], L), dtype)
-    delta2 = np.empty(L, dtype)
-    block_ranks = np.empty((n_bonds, L), np.int64)
-    block_eps2 = np.empty((n_bonds, L), dtype)
-    block_tails = np.empty((n_bonds, L), dtype)
+    delta2 = np.zeros(L, dtype)
+    block_ranks = np.zeros((n_bonds, L), np.int64)
+    block_eps2 = np.zeros((n_bonds, L), dtype)
+    block_tails = np.zeros((n_bonds, L), dtype)
     for b0 in range(0, B, L):
         nb = min(L, B - b0)
         for i in range(N):
@@ -717,39 +749,22 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
             for lane in range(nb, L):
                 X[i, lane] = 0.0
         for term in range(terms):
-            for lane in range(L):
-                norm2 = 0.0
-                for i in range(N):
-                    if primary[i]:  # padded copies do not count: tol is relative to the image
-                        norm2 += X[i, lane] * X[i, lane]
-                delta2[lane] = tol * tol * norm2 / max(n_bonds, 1)
+            if tol > 0:
+                for lane in range(L):
+                    norm2 = 0.0
+                    for i in range(N):
+                        if primary[i]:  # padded copies do not count: tol is relative to the image
+                            norm2 += X[i, lane] * X[i, lane]
+                    delta2[lane] = tol * tol * norm2 / max(n_bonds, 1)
             _ttsvd_block(
-                X,
-                sites,
-                caps,
-                offs,
-                tol > 0,
-                delta2,
-                core,
-                C,
-                C2,
-                G,
-                V,
-                Vs,
-                sv,
-                block_ranks,
-                block_eps2,
-                W,
-                dv,
-                ev,
-                work,
-                act,
-            )
+                X, sites, caps, offs, tol > 0, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv, total,
+                block_ranks, block_eps2,
+            )  # fmt: skip
             left = 1
             for k in range(n_bonds):
                 left *= sites[k]
                 if own_tail[k]:
-                    _unfolding_tail(X, left, block_ranks[k], G, V, W, dv, ev, work, act, block_tails[k])
+                    _unfolding_tail(X, left, block_ranks[k], G, Z, T, work, act, total, block_tails[k])
                 else:  # every earlier bond kept full rank: the sweep saw the original unfolding
                     for lane in range(L):
                         block_tails[k, lane] = block_eps2[k, lane]

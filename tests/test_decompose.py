@@ -388,6 +388,36 @@ def test_batched_equals_unbatched_exactly(kwargs) -> None:
     assert torch.equal(pair[0], batch[300]) and torch.equal(pair[1], batch[5])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_equals_unbatched_on_degenerate_images(dtype) -> None:
+    """Blank, flat, rank-one and mirrored images (repeated and rounding-level eigenvalues: the eigensolver's
+    completion and LAPACK fallback paths) come out the same bits alone and in any batch."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randint(0, 256, (40, 28, 28), generator=g).float()
+    ramp = torch.linspace(0, 255, 28)
+    special = [
+        torch.zeros(28, 28),
+        torch.full((28, 28), 255.0),
+        torch.outer(ramp, ramp) / 255,  # rank one
+        torch.cat([noise[0, :14], noise[0, :14].flip(0)]),  # mirrored halves: paired singular values
+        torch.eye(28) * 100,  # a multiple of the identity
+    ]
+    x = torch.cat([torch.stack(special), noise]).round()
+    x = x[torch.randperm(len(x), generator=g)]
+    for kwargs in ({"ratio": 0.4}, {"max_bond": 6, "site_dims": [2, 4, 7, 7, 2]}, {"tol": 0.1}):
+        m = mpsdata.decompose(x, dtype=dtype, **kwargs)
+        batch = m.reconstruct()
+        for i in range(len(x)):
+            alone = mpsdata.decompose(x[i], dtype=dtype, **kwargs)
+            assert torch.equal(alone.reconstruct(), batch[i]), (kwargs, i)
+            assert torch.equal(alone.error, m.error[i]), (kwargs, i)
+        assert torch.isfinite(batch).all()
+        exact = (batch.double() - x.double()).flatten(1).norm(dim=1)
+        # The error comes from Gram eigenvalues: good to about sqrt(eps) * ||x|| (documented on MPS.error).
+        slack = 4 * torch.finfo(dtype).eps ** 0.5 * x.flatten(1).double().norm(dim=1) + 1e-9
+        assert bool(((m.error.double() - exact).abs() <= slack).all()), kwargs
+
+
 def test_batched_equals_unbatched_with_a_colour_site() -> None:
     x = torch.rand(70, 3, 12, 20, generator=torch.Generator().manual_seed(0))
     m = mpsdata.decompose(x, ratio=0.5, channel_mode="site")

@@ -8,20 +8,30 @@ import pytest
 from mpsdata import _kernels
 
 
-def _solve(mats: np.ndarray, vectors: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``_kernels._eigh_lanes`` on ``mats`` ``(L, n, n)``; returns eigenvalues ``(L, n)`` and vectors."""
+def _solve_top(
+    mats: np.ndarray, cap: int, fill: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``_kernels._eigh_top_lanes`` on ``mats`` ``(L, n, n)`` with every scratch array set to ``fill``.
+
+    Returns the top ``cap`` eigenvalues ``(L, cap)`` (descending), their vectors ``(L, n, cap)``, the
+    traces ``(L,)`` and which lanes went to LAPACK.
+    """
     lanes, n, _ = mats.shape
     dtype = mats.dtype
     G = np.ascontiguousarray(mats.transpose(1, 2, 0))
-    V = np.zeros_like(G)
-    W = np.empty((n, n), dtype)
-    d, e = np.empty(n, dtype), np.empty(n, dtype)
-    work = np.empty((2 * n + 12, lanes), dtype)
-    act = np.empty(lanes, np.bool_)
-    _kernels._eigh_lanes(G, V, n, np.finfo(dtype).eps, W, d, e, vectors, work, act)
-    values = np.stack([np.diag(G[:, :, lane]) for lane in range(lanes)])
-    vecs = np.stack([V[:, :, lane] for lane in range(lanes)])  # row p: eigenvector of values[:, p]
-    return values, vecs
+    before = G.copy()
+    Z = np.full((n, n, lanes), fill, dtype)
+    T = np.full((8 * n, lanes), fill, dtype)
+    Y = np.full((cap, n, lanes), fill, dtype)
+    work = np.full((16, lanes), fill, dtype)
+    act, fail = np.full(lanes, bool(fill)), np.full(lanes, bool(fill))
+    pick = np.full(lanes, -1 if fill else 0, np.int64)
+    Vs = np.full((n, cap, lanes), fill, dtype)
+    sv = np.full((cap, lanes), fill, dtype)
+    total = np.full(lanes, fill, dtype)
+    _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total)
+    assert np.array_equal(G, before)  # the input is not changed
+    return sv.T.copy(), Vs.transpose(2, 0, 1).copy(), total, fail
 
 
 def _grouped(n: int) -> np.ndarray:
@@ -52,48 +62,65 @@ def _hard_cases(n: int, rng: np.random.Generator) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [1, 2, 3, 8, 14, 16])
-def test_eigh_lanes_matches_lapack(n: int, dtype) -> None:
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 14, 16, 31])
+def test_top_eigenpairs_match_lapack(n: int, dtype) -> None:
+    """Top eigenvalues as LAPACK's, orthonormal vectors, small residuals, and the best subspace."""
     rng = np.random.default_rng(n)
-    cases = _hard_cases(n, rng)
-    mats = np.stack(cases).astype(dtype)
-    values, vecs = _solve(mats)
+    mats = np.stack(_hard_cases(n, rng)).astype(dtype)
     tol = 50 * n * np.finfo(dtype).eps
-    for lane, a in enumerate(mats.astype(np.float64)):
-        norm = max(np.abs(np.linalg.eigvalsh(a)).max(), np.finfo(np.float64).tiny)
-        w, v = values[lane].astype(np.float64), vecs[lane].astype(np.float64)
-        assert np.abs(np.sort(w) - np.linalg.eigvalsh(a)).max() <= tol * norm, lane
-        assert np.abs(v @ v.T - np.eye(n)).max() <= tol, lane  # orthonormal
-        assert np.abs(v.T @ np.diag(w) @ v - a).max() <= tol * norm, lane  # A = V^T diag(w) V
+    for cap in sorted({1, max(1, n // 3), max(1, n - 1), n}):
+        values, vecs, total, _ = _solve_top(mats, cap)
+        for lane, a in enumerate(mats.astype(np.float64)):
+            exact = np.linalg.eigvalsh(a)[::-1]
+            norm = max(abs(exact).max(), np.finfo(np.float64).tiny)
+            w, v = values[lane].astype(np.float64), vecs[lane].astype(np.float64)
+            assert np.all(np.diff(w) <= 0), (cap, lane)  # descending
+            assert np.abs(w - np.maximum(exact[:cap], 0)).max() <= tol * norm, (cap, lane)
+            assert np.abs(v.T @ v - np.eye(cap)).max() <= tol, (cap, lane)  # orthonormal
+            assert np.abs(a @ v - v * w).max() <= 4 * tol * norm, (cap, lane)  # eigenvectors
+            captured = np.trace(v.T @ a @ v)  # the kept subspace holds the top weight, as LAPACK's does
+            assert captured >= exact[:cap].sum() - cap * tol * norm, (cap, lane)
+            assert abs(total[lane] - np.trace(a)) <= tol * abs(np.trace(a)) + np.finfo(dtype).tiny, (cap, lane)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_eigh_lanes_values_only_and_lane_independence(dtype) -> None:
-    """Values without vectors agree, and a lane's result does not depend on its neighbours."""
+def test_top_eigenpairs_do_not_depend_on_neighbours_or_scratch(dtype) -> None:
+    """A lane's result is the same bits whatever its neighbours and whatever the scratch held before."""
     rng = np.random.default_rng(0)
-    n = 14
+    n, cap = 14, 5
     cases = np.stack(_hard_cases(n, rng)).astype(dtype)
-    values, _ = _solve(cases)
-    only, _ = _solve(cases, vectors=False)
-    tol = 50 * n * np.finfo(dtype).eps
-    scale = np.abs(values).max(1, keepdims=True) + np.finfo(dtype).tiny
-    assert np.all(np.abs(np.sort(only, 1) - np.sort(values, 1)) <= tol * scale)
+    values, vecs, total, _ = _solve_top(cases, cap)
     shuffled = np.concatenate([cases[::-1], rng.normal(size=(5, n, n)).astype(dtype)])
-    again, again_vecs = _solve(shuffled)
-    _, vecs = _solve(cases)
-    assert np.array_equal(again[: len(cases)][::-1], values)  # bit for bit
+    again, again_vecs, again_total, _ = _solve_top(shuffled, cap, fill=np.nan)
+    assert np.array_equal(again[: len(cases)][::-1], values)
     assert np.array_equal(again_vecs[: len(cases)][::-1], vecs)
+    assert np.array_equal(again_total[: len(cases)][::-1], total)
 
 
-def test_eigh_lanes_large_matrices_use_lapack() -> None:
+def test_repeated_eigenvalues_give_a_basis_of_their_eigenspace() -> None:
+    """Repeated eigenvalues: any orthonormal basis of the eigenspace is right. The identity's twisted solves
+    all return the same vector, so its lane is redone by LAPACK."""
+    n = 8
+    q = np.linalg.qr(np.random.default_rng(3).normal(size=(n, n)))[0]
+    repeated = q @ np.diag([3.0, 3.0, 3.0, 1.0, 0.5, 0.2, 0.1, 0.0]) @ q.T
+    values, vecs, _, fell_back = _solve_top(np.stack([repeated, np.eye(n)]), 4)
+    assert fell_back[1]
+    assert np.allclose(values[0], [3, 3, 3, 1]) and np.allclose(values[1], 1)
+    for v, a in zip(vecs, (repeated, np.eye(n)), strict=True):
+        assert np.allclose(v.T @ v, np.eye(4))
+        assert np.allclose(a @ v, v * np.diag(v.T @ a @ v))
+
+
+def test_large_matrices_use_lapack() -> None:
     rng = np.random.default_rng(1)
     n = _kernels._LAPACK_MIN + 1
     b = rng.normal(size=(3, n, n))
     mats = b @ b.transpose(0, 2, 1)
-    values, vecs = _solve(mats)
+    values, vecs, _, fell_back = _solve_top(mats, 3)
+    assert not fell_back.any()  # the whole call went to LAPACK, not the fallback
     for lane, a in enumerate(mats):
-        assert np.allclose(np.sort(values[lane]), np.linalg.eigvalsh(a))
-        assert np.allclose(vecs[lane].T @ np.diag(values[lane]) @ vecs[lane], a)
+        assert np.allclose(values[lane], np.linalg.eigvalsh(a)[::-1][:3])
+        assert np.allclose(a @ vecs[lane], vecs[lane] * values[lane])
 
 
 @pytest.mark.parametrize("residual", [0, 2])

@@ -1,0 +1,104 @@
+"""A/B of the CPU kernels (``mpsdata/_kernels.py``) at two git revisions, in one process.
+
+Both versions of the module are loaded side by side and ``mpsdata._engine.encode`` is pointed at each in
+turn, with the repeats interleaved, so that the ratio holds on a shared, noisy machine. Reports the
+minimum time per image of each version, the ratio B/A, and the largest difference of the per-image
+relative reconstruction errors (B minus A, so a positive number means B lost accuracy).
+
+Usage::
+
+    .venv/bin/python benchmarks/kernel_ab.py a39a8ad WORKTREE           # one thread, 4096 images
+    .venv/bin/python benchmarks/kernel_ab.py HEAD~1 HEAD --threads 2 --images 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from mpsdata import _engine
+from mpsdata._layout import make_layout
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import DEFAULT_FASHION, load_fashion, load_patches  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_kernels(rev: str, workdir: Path) -> ModuleType:
+    """``mpsdata/_kernels.py`` at git revision ``rev`` (``WORKTREE``: the file as it is now) as a module."""
+    if rev == "WORKTREE":
+        source = (ROOT / "mpsdata" / "_kernels.py").read_text()
+    else:
+        source = subprocess.run(
+            ["git", "show", f"{rev}:mpsdata/_kernels.py"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
+    name = "kernels_" + "".join(c if c.isalnum() else "_" for c in rev)
+    path = workdir / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", help="baseline revision (or WORKTREE)")
+    parser.add_argument("b", help="candidate revision (or WORKTREE)")
+    parser.add_argument("--images", type=int, default=4096, help="Fashion-MNIST images (and at most that many patches)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    fashion = load_fashion(DEFAULT_FASHION, args.images).reshape(args.images, -1)
+    patches, _ = load_patches(None)
+    patches = patches[: args.images].reshape(-1, 32 * 32)  # one MPS per channel
+    cases = [
+        ("Fashion-MNIST [2,4,7,7,2] bonds [2,6,5,2]", fashion, make_layout(28, 28, site_dims=[2, 4, 7, 7, 2]), (2, 6, 5, 2)),
+        ("32x32 channels [4,4,4,4,4] bonds [4,6,6,4]", patches, make_layout(32, 32, site_dims=[4, 4, 4, 4, 4]), (4, 6, 6, 4)),
+    ]  # fmt: skip
+    original = _engine._kernels
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = {args.a: load_kernels(args.a, Path(tmp)), args.b: load_kernels(args.b, Path(tmp))}
+        try:
+            for name, x, layout, bonds in cases:
+                for dtype in (torch.float32, torch.float64):
+                    xf = x.to(dtype)
+                    times: dict[str, list[float]] = {rev: [] for rev in versions}
+                    errors = {}
+                    for rep in range(args.repeats + 1):
+                        for rev, module in versions.items():
+                            _engine._kernels = module
+                            start = time.perf_counter()
+                            packed = _engine.encode(xf, layout.gather_index, layout.site_dims, bonds, dtype=dtype, tails=True)
+                            elapsed = time.perf_counter() - start
+                            if rep:  # the first round compiles
+                                times[rev].append(elapsed / x.shape[0] * 1e6)
+                            else:
+                                approx = _engine.decode(packed.cores, layout.scatter_index, layout.site_dims, bonds)
+                                ref = xf.double()
+                                errors[rev] = (approx.double() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)
+                    a, b = (min(times[rev]) for rev in versions)
+                    diff = float((errors[args.b] - errors[args.a]).max())
+                    print(
+                        f"{name} {str(dtype)[6:]}: {args.a} {a:.2f} us, {args.b} {b:.2f} us per image, "
+                        f"ratio {b / a:.3f}; max error difference {diff:+.2e}",
+                        flush=True,
+                    )
+        finally:
+            _engine._kernels = original
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
