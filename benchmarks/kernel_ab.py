@@ -28,7 +28,7 @@ from mpsdata import _engine
 from mpsdata._layout import make_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import DEFAULT_FASHION, load_fashion, load_patches  # noqa: E402
+from speed import DEFAULT_FASHION, load_fashion, load_patches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     fashion = load_fashion(DEFAULT_FASHION, args.images).reshape(args.images, -1)
     patches, _ = load_patches(None)
     patches = patches[: args.images].reshape(-1, 32 * 32)  # one MPS per channel
+    fashion_layout = make_layout(28, 28, site_dims=[2, 4, 7, 7, 2])
+    patch_layout = make_layout(32, 32, site_dims=[4, 4, 4, 4, 4])
     cases = [
-        ("Fashion-MNIST [2,4,7,7,2] bonds [2,6,5,2]", fashion, make_layout(28, 28, site_dims=[2, 4, 7, 7, 2]), (2, 6, 5, 2)),
-        ("32x32 channels [4,4,4,4,4] bonds [4,6,6,4]", patches, make_layout(32, 32, site_dims=[4, 4, 4, 4, 4]), (4, 6, 6, 4)),
-    ]  # fmt: skip
+        ("Fashion-MNIST [2,4,7,7,2] bonds [2,6,5,2]", fashion, fashion_layout, (2, 6, 5, 2)),
+        ("32x32 channels [4,4,4,4,4] bonds [4,6,6,4]", patches, patch_layout, (4, 6, 6, 4)),
+    ]
     original = _engine._kernels
     with tempfile.TemporaryDirectory() as tmp:
         versions = {args.a: load_kernels(args.a, Path(tmp)), args.b: load_kernels(args.b, Path(tmp))}
@@ -80,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                         for rev, module in versions.items():
                             _engine._kernels = module
                             start = time.perf_counter()
-                            packed = _engine.encode(xf, layout.gather_index, layout.site_dims, bonds, dtype=dtype, tails=True)
+                            packed = _engine.encode(
+                                xf, layout.gather_index, layout.site_dims, bonds, dtype=dtype, tails=True
+                            )
                             elapsed = time.perf_counter() - start
                             if rep:  # the first round compiles
                                 times[rev].append(elapsed / x.shape[0] * 1e6)

@@ -500,7 +500,9 @@ def _choose_rank(n, cap, use_tol, delta2, total, Vs, sv, ranks_k, eps2_k):
 
 
 @numba.njit(**_JIT)
-def _ttsvd_block(X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv, total, ranks, eps2):
+def _ttsvd_block(
+    X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv, total, ranks, eps2
+):
     """TT-SVD of one block of images ``X[N, L]``, cores written to ``core[P, L]`` with bonds ``caps``.
 
     A bond that keeps every row of its unfolding (``cap == m <= ncol``, no ``tol``) needs no SVD: any

@@ -8,9 +8,7 @@ import pytest
 from mpsdata import _kernels
 
 
-def _solve_top(
-    mats: np.ndarray, cap: int, fill: float = 0.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _solve_top(mats: np.ndarray, cap: int, fill: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Run ``_kernels._eigh_top_lanes`` on ``mats`` ``(L, n, n)`` with every scratch array set to ``fill``.
 
     Returns the top ``cap`` eigenvalues ``(L, cap)`` (descending), their vectors ``(L, n, cap)``, the
