@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     patch_layout = make_layout(32, 32, site_dims=[4, 4, 4, 4, 4])
     cases = [
         ("Fashion-MNIST [2,4,7,7,2] bonds [2,6,5,2]", fashion, fashion_layout, (2, 6, 5, 2)),
+        ("Fashion-MNIST default [28,28] bond 5 (ratio 0.4)", fashion, make_layout(28, 28), (5,)),
         ("32x32 channels [4,4,4,4,4] bonds [4,6,6,4]", patches, patch_layout, (4, 6, 6, 4)),
     ]
     original = _engine._kernels

@@ -330,17 +330,23 @@ def run_decode(name: str, x: torch.Tensor, layout, bonds, count: int, repeats: i
 # ---------------------------------------------------------------------------------------------------
 # Profile: where does our encode time go?
 @numba.njit(nogil=True)
-def _eig_loop(grams, vectors, reps):
-    """Run the kernels' eigensolver (``_eigh_lanes``) on every ``n x n`` matrix of ``grams``, ``LANES`` at once."""
+def _eig_loop(grams, cap, reps):
+    """The kernels' eigensolver on every ``n x n`` matrix of ``grams``, ``LANES`` at once: the top ``cap``
+    eigenpairs (``_eigh_top_lanes``, as the sweep), or with ``cap == 0`` all eigenvalues only (as the tails)."""
     M, n, _ = grams.shape
     L = _kernels.LANES
-    G = np.empty((n, n, L), grams.dtype)
-    V = np.empty((n, n, L), grams.dtype)
-    W = np.empty((n, n), grams.dtype)
-    d = np.empty(n, grams.dtype)
-    e = np.empty(n, grams.dtype)
-    work = np.empty((2 * n + 12, L), grams.dtype)
-    act = np.empty(L, np.bool_)
+    k = max(cap, 1)
+    G = np.zeros((n, n, L), grams.dtype)
+    Z = np.zeros((n, n, L), grams.dtype)
+    T = np.zeros((11 * n, L), grams.dtype)
+    Y = np.zeros((k, n, L), grams.dtype)
+    work = np.zeros((16, L), grams.dtype)
+    act = np.zeros(L, np.bool_)
+    fail = np.zeros(L, np.bool_)
+    pick = np.zeros(L, np.int64)
+    Vs = np.zeros((n, k, L), grams.dtype)
+    sv = np.zeros((k, L), grams.dtype)
+    total = np.zeros(L, grams.dtype)
     eps = np.finfo(grams.dtype).eps
     acc = 0.0
     for _ in range(reps):
@@ -349,8 +355,13 @@ def _eig_loop(grams, vectors, reps):
                 for q in range(n):
                     for lane in range(L):
                         G[p, q, lane] = grams[min(b0 + lane, M - 1), p, q]
-            _kernels._eigh_lanes(G, V, n, eps, W, d, e, vectors, work, act)
-            acc += G[0, 0, 0]
+            if cap:
+                _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total)
+                acc += sv[0, 0]
+            else:
+                _kernels._tridiagonal_lanes(G, n, Z, T, work)
+                _kernels._eigenvalues_lanes(T, n, eps, work, act)
+                acc += T[3 * n, 0]
     return acc
 
 
@@ -367,14 +378,16 @@ def run_profile(x: torch.Tensor, layout, bonds, repeats: int) -> dict:
     sites = layout.site_dims
     threads = torch.get_num_threads()
     out: dict = {"threads": 1, "images": x.shape[0], "site_dims": list(sites), "bonds": list(bonds)}
-    # Eigenproblems per image of the sweep (with vectors) and of the Definition-1 tails (values only).
+    # Eigenproblems per image of the sweep (top-cap pairs; none where a bond keeps every row) and of the
+    # Definition-1 tails (values only).
     own_tail = _kernels._own_tails(np.asarray(sites), np.asarray(bonds), 0.0)
-    sweep, tails, left, rest, cap_left = [], [], 1, layout.num_values, 1
+    sweep, tails, rest, cap_left = [], [], layout.num_values, 1
     prefix = 1
     for k, j in enumerate(sites[:-1]):
         m, rest = cap_left * j, rest // j
         prefix *= j
-        sweep.append(min(m, rest))
+        if not (m <= rest and bonds[k] == m):
+            sweep.append((min(m, rest), bonds[k]))
         if own_tail[k]:
             tails.append(min(prefix, layout.num_values // prefix))
         cap_left = bonds[k]
@@ -390,12 +403,13 @@ def run_profile(x: torch.Tensor, layout, bonds, repeats: int) -> dict:
             # sweep's matrices where earlier bonds were kept whole; close to them elsewhere).
             prefixes = np.cumprod(sites[:-1])
             grams = {}
-            for size in sorted(set(sweep + tails)):
+            for size in sorted({size for size, _ in sweep} | set(tails)):
                 left = next(int(p) for p in prefixes if min(p, layout.num_values // p) == size)
                 grams[size] = unfolding_grams(flat_sites.double(), left).astype(np_dtype)
-            for g in grams.values():  # compile
-                _eig_loop(g[:2], True, 1)
-                _eig_loop(g[:2], False, 1)
+            for size, cap in sweep:  # compile
+                _eig_loop(grams[size][:2], cap, 1)
+            for size in tails:
+                _eig_loop(grams[size][:2], 0, 1)
             fns = {
                 "encode tails=False": lambda f=flat, d=dtype: _engine.encode(
                     f, layout.gather_index, sites, bonds, dtype=d, tails=False
@@ -404,9 +418,10 @@ def run_profile(x: torch.Tensor, layout, bonds, repeats: int) -> dict:
                     f, layout.gather_index, sites, bonds, dtype=d, tails=True
                 ),
             }
-            for size, g in grams.items():
-                fns[f"eig {size}x{size} vectors"] = lambda g=g: _eig_loop(g, True, 1)
-                fns[f"eig {size}x{size} values"] = lambda g=g: _eig_loop(g, False, 1)
+            for size, cap in sweep:
+                fns[f"eig {size}x{size} top {cap}"] = lambda g=grams[size], c=cap: _eig_loop(g, c, 1)
+            for size in tails:
+                fns[f"eig {size}x{size} values"] = lambda g=grams[size]: _eig_loop(g, 0, 1)
             for fn in fns.values():
                 fn()
             times: dict[str, list[float]] = {k: [] for k in fns}
@@ -414,7 +429,7 @@ def run_profile(x: torch.Tensor, layout, bonds, repeats: int) -> dict:
                 for k, fn in fns.items():
                     times[k].append(timed(fn)[0])
             us = {k: min(v) / B * 1e6 for k, v in times.items()}
-            eig_sweep = sum(us[f"eig {s}x{s} vectors"] for s in sweep)
+            eig_sweep = sum(us[f"eig {s}x{s} top {c}"] for s, c in sweep)
             eig_tails = sum(us[f"eig {s}x{s} values"] for s in tails)
             rows = {"us_per_image_min": us}
             rows["eigensolver_us_sweep"] = eig_sweep

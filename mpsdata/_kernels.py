@@ -10,12 +10,14 @@ which the compiler turns into SIMD instructions without any reassociation: every
 what a one-image loop would, so results do not depend on batch size or position in the batch.
 
 Algorithm (Oseledets 2011, TT-SVD, left to right): at bond ``k`` the remainder ``C`` is an ``m x n`` matrix;
-the truncated SVD comes from the symmetric eigendecomposition of the smaller Gram matrix (``C C^T`` or
-``C^T C``), by Householder tridiagonalisation and implicit QL (EISPACK ``tred2``/``tql2``) run on all lanes
-at once (``_tred2_lanes``, ``_tql2_lanes``). One image at a time, ``tql2`` is a chain of dependent square
-roots and divisions and ran at the latency of that chain (~5 us for 14x14); across lanes the same work
-is 3-4x cheaper. Cyclic Jacobi on lanes measured slower still (more rotations). Matrices larger than
-``_LAPACK_MIN`` go to LAPACK.
+the truncated SVD comes from the top ``cap`` eigenpairs of the smaller Gram matrix (``C C^T`` or ``C^T C``),
+on all lanes at once (``_eigh_top_lanes``): Householder tridiagonalisation without accumulating the
+transform (``_tred2_lanes``), the top eigenvalues by bisection (float32) or all by implicit QL (float64,
+``_tql2_lanes``), one twisted-factorisation solve per kept eigenvalue, Gram-Schmidt, and the reflectors
+applied to the kept vectors only. One image at a time, ``tql2`` with vectors is a chain of dependent square
+roots and divisions (~5 us for 14x14); across lanes and for the top few vectors only, the same problem costs
+~1.5 us per image in float32. Cyclic Jacobi on lanes measured slower than lockstep QL. Matrices larger than
+``_LAPACK_MIN`` go to LAPACK, as do the rare lanes whose twisted vectors come out dependent (clusters).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 LANES = 64  # images side by side; measured best of 16/32/64/128 for encode and decode on 28x28
 _LAPACK_MIN = 32  # above this size LAPACK's divide and conquer beats our tridiagonal QL per matrix
+_BISECT_STEPS = 26  # float32 bisection: the Gershgorin interval (about 2 ||T||) down to below eps * ||T||
 _JIT = {"nogil": True, "error_model": "numpy", "cache": True}
 
 
@@ -262,6 +265,88 @@ def _eigenvalues_lanes(T, n, eps, work, act):
 
 
 @numba.njit(**_JIT)
+def _couplings_squared(T, n):
+    """``T[4n + i] = T[n + i + 1] ** 2``: the squared couplings that Sturm counts and twisted solves use."""
+    L = T.shape[1]
+    for i in range(n - 1):
+        for lane in range(L):
+            T[4 * n + i, lane] = T[n + i + 1, lane] * T[n + i + 1, lane]
+
+
+@numba.njit(**_JIT)
+def _bisect_top(T, n, cap, steps, work, out):
+    """The top ``cap`` eigenvalues of every lane's tridiagonal matrix by bisection, descending, in ``out``.
+
+    Each step halves every interval with one Sturm count (the signs of the ``L D L^T`` pivots of
+    ``T - x I``): ``n`` dependent divisions. All ``cap`` eigenvalues of all lanes step together, so that
+    ``cap * L`` independent chains hide the division latency; for a few top eigenvalues in float32 this is
+    cheaper than QL for all of them. Starts from the Gershgorin interval. Needs ``_couplings_squared``;
+    uses ``T[5n:10n]`` and ``work[:2]``.
+    """
+    L = T.shape[1]
+    D, E, b2 = T[:n], T[n : 2 * n], T[4 * n : 5 * n]
+    lo, hi, mid = T[5 * n : 5 * n + cap], T[6 * n : 6 * n + cap], T[7 * n : 7 * n + cap]
+    q, count = T[8 * n : 8 * n + cap], T[9 * n : 9 * n + cap]
+    floor, top = work[0], work[1]
+    pivmin = np.finfo(T.dtype).eps ** 2  # the matrices are scaled to norm about one
+    for lane in range(L):
+        floor[lane] = np.inf
+        top[lane] = -np.inf
+    for i in range(n):
+        for lane in range(L):
+            radius = abs(E[i, lane]) + (abs(E[i + 1, lane]) if i + 1 < n else 0.0)
+            floor[lane] = min(floor[lane], D[i, lane] - radius)
+            top[lane] = max(top[lane], D[i, lane] + radius)
+    for a in range(cap):
+        for lane in range(L):
+            lo[a, lane] = floor[lane]
+            hi[a, lane] = top[lane]
+    for _ in range(steps):
+        for a in range(cap):
+            for lane in range(L):
+                x = 0.5 * (lo[a, lane] + hi[a, lane])
+                mid[a, lane] = x
+                p = D[0, lane] - x
+                p = p if abs(p) >= pivmin else -pivmin
+                q[a, lane] = p
+                count[a, lane] = 1.0 if p < 0.0 else 0.0
+        for i in range(1, n):
+            for a in range(cap):
+                for lane in range(L):
+                    p = (D[i, lane] - mid[a, lane]) - b2[i - 1, lane] / q[a, lane]
+                    p = p if abs(p) >= pivmin else -pivmin
+                    q[a, lane] = p
+                    count[a, lane] += 1.0 if p < 0.0 else 0.0
+        for a in range(cap):
+            below = n - a  # eigenvalue n - 1 - a (ascending) lies below x when at least n - a of them do
+            for lane in range(L):
+                if count[a, lane] >= below:
+                    hi[a, lane] = mid[a, lane]
+                else:
+                    lo[a, lane] = mid[a, lane]
+    for a in range(cap):
+        for lane in range(L):
+            x = 0.5 * (lo[a, lane] + hi[a, lane])
+            out[a, lane] = min(x, out[a - 1, lane]) if a > 0 else x  # equal values may round apart
+
+
+@numba.njit(**_JIT)
+def _top_of(w, n, cap, out):
+    """The ``cap`` largest of every lane's ``w[:n]`` into ``out[:cap]``, descending (``w`` is consumed)."""
+    L = w.shape[1]
+    for lane in range(L):
+        for a in range(cap):
+            best = -np.inf
+            at = 0
+            for p in range(n):
+                if w[p, lane] > best:
+                    best = w[p, lane]
+                    at = p
+            w[at, lane] = -np.inf
+            out[a, lane] = best
+
+
+@numba.njit(**_JIT)
 def _lapack_lane(G, n, cap, lane, Vs, sv):
     """Top ``cap`` eigenpairs of one lane by LAPACK (large matrices, and lanes the fast path cannot do)."""
     w, v = np.linalg.eigh(np.ascontiguousarray(G[:n, :n, lane]))
@@ -406,13 +491,13 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
 
     Writes the eigenvalues in descending order to ``sv[:cap, l]`` (clamped at zero), their eigenvectors
     to ``Vs[:n, :cap, l]`` and the trace to ``total[l]``; ``G`` is not changed. Up to ``_LAPACK_MIN``,
-    on all lanes at once: tridiagonalisation without accumulating the transform, all eigenvalues by QL,
-    then one twisted solve per kept eigenvalue, Gram-Schmidt against the earlier vectors (in the
+    on all lanes at once: tridiagonalisation without accumulating the transform, the top eigenvalues by
+    bisection (float32) or all of them by QL (float64), then one twisted solve per kept eigenvalue, Gram-Schmidt against the earlier vectors (in the
     tridiagonal basis) and the reflectors applied to the kept vectors only, ``O(n^2 cap)`` instead of
     the ``O(n^3)`` of accumulated rotations. A vector that comes out dependent on the earlier ones (a
     cluster of nearly equal eigenvalues) is redone by LAPACK for its lane, unless its eigenvalue is at
     rounding level: then any completion of the kept vectors is as good. Scratch: ``Z`` ``(n, n, L)``,
-    ``T`` ``(8 n, L)``, ``Y`` ``(cap, n, L)``, ``work`` ``(16, L)``, ``act``/``fail`` ``(L,)`` booleans,
+    ``T`` ``(11 n, L)``, ``Y`` ``(cap, n, L)``, ``work`` ``(16, L)``, ``act``/``fail`` ``(L,)`` booleans,
     ``pick`` ``(L,)`` integers; every entry read is written first.
     """
     L = G.shape[2]
@@ -427,23 +512,17 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
             _lapack_lane(G, n, cap, lane, Vs, sv)
         return
     _tridiagonal_lanes(G, n, Z, T, work)
-    _eigenvalues_lanes(T, n, eps, work, act)
-    w, b2, z = T[3 * n : 4 * n], T[4 * n : 5 * n], T[7 * n : 8 * n]
+    z = T[7 * n : 8 * n]
     unscale = work[12]
-    for lane in range(L):  # the top cap eigenvalues, descending (the first of equal ones first)
-        for a in range(cap):
-            top = -np.inf
-            at = 0
-            for p in range(n):
-                if w[p, lane] > top:
-                    top = w[p, lane]
-                    at = p
-            w[at, lane] = -np.inf
-            sv[a, lane] = top
+    if eps > 1e-10:  # float32: bisection for the top values only (``_BISECT_STEPS`` reach rounding level)
+        _couplings_squared(T, n)
+        _bisect_top(T, n, cap, _BISECT_STEPS, work, sv)
+    else:  # float64: bisection would need twice the steps; QL for all values is cheaper
+        _eigenvalues_lanes(T, n, eps, work, act)
+        _top_of(T[3 * n : 4 * n], n, cap, sv)
+        _couplings_squared(T, n)
+    for lane in range(L):
         fail[lane] = False
-    for i in range(n - 1):
-        for lane in range(L):
-            b2[i, lane] = T[n + i + 1, lane] * T[n + i + 1, lane]
     pivmin = eps * eps  # the matrices are scaled to norm about one
     for a in range(cap):
         lam = sv[a]
@@ -695,19 +774,21 @@ def _unfolding_tail(X, left, rank, G, Z, T, work, act, total, out):
             out[lane] = max(total[lane] - kept, 0.0)
         return
     _tridiagonal_lanes(G, n, Z, T, work)
-    _eigenvalues_lanes(T, n, eps, work, act)
-    w, unscale = T[3 * n : 4 * n], work[12]
+    most = 0
+    for lane in range(L):
+        most = max(most, min(rank[lane], n))
+    top = T[10 * n : 11 * n]
+    if eps > 1e-10:  # as in _eigh_top_lanes
+        _couplings_squared(T, n)
+        _bisect_top(T, n, most, _BISECT_STEPS, work, top)
+    else:
+        _eigenvalues_lanes(T, n, eps, work, act)
+        _top_of(T[3 * n : 4 * n], n, most, top)
+    unscale = work[12]
     for lane in range(L):
         kept = 0.0
-        for _ in range(min(rank[lane], n)):
-            top = -np.inf
-            at = 0
-            for p in range(n):
-                if w[p, lane] > top:
-                    top = w[p, lane]
-                    at = p
-            w[at, lane] = -np.inf
-            kept += max(top, 0.0)
+        for a in range(min(rank[lane], n)):
+            kept += max(top[a, lane], 0.0)
         out[lane] = max(total[lane] - kept * unscale[lane], 0.0)
 
 
@@ -728,7 +809,7 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
     C2 = np.zeros((N, L), dtype)
     G = np.zeros((gram, gram, L), dtype)
     Z = np.zeros((gram, gram, L), dtype)
-    T = np.zeros((8 * gram, L), dtype)
+    T = np.zeros((11 * gram, L), dtype)
     Y = np.zeros((cap_max, gram, L), dtype)
     work = np.zeros((16, L), dtype)
     act = np.zeros(L, np.bool_)
