@@ -288,13 +288,15 @@ def _bisect_top(T, n, cap, steps, work, out):
     lo, hi, mid = T[5 * n : 5 * n + cap], T[6 * n : 6 * n + cap], T[7 * n : 7 * n + cap]
     q, count = T[8 * n : 8 * n + cap], T[9 * n : 9 * n + cap]
     floor, top = work[0], work[1]
-    pivmin = np.finfo(T.dtype).eps ** 2  # the matrices are scaled to norm about one
+    f = T.dtype.type  # constants in the matrix's dtype: a float64 constant would widen float32 arithmetic
+    pivmin = f(np.finfo(T.dtype).eps ** 2)  # the matrices are scaled to norm about one (1.4x faster typed)
+    one, zero, half = f(1.0), f(0.0), f(0.5)
     for lane in range(L):
         floor[lane] = np.inf
         top[lane] = -np.inf
     for i in range(n):
         for lane in range(L):
-            radius = abs(E[i, lane]) + (abs(E[i + 1, lane]) if i + 1 < n else 0.0)
+            radius = abs(E[i, lane]) + (abs(E[i + 1, lane]) if i + 1 < n else zero)
             floor[lane] = min(floor[lane], D[i, lane] - radius)
             top[lane] = max(top[lane], D[i, lane] + radius)
     for a in range(cap):
@@ -304,21 +306,21 @@ def _bisect_top(T, n, cap, steps, work, out):
     for _ in range(steps):
         for a in range(cap):
             for lane in range(L):
-                x = 0.5 * (lo[a, lane] + hi[a, lane])
+                x = half * (lo[a, lane] + hi[a, lane])
                 mid[a, lane] = x
                 p = D[0, lane] - x
                 p = p if abs(p) >= pivmin else -pivmin
                 q[a, lane] = p
-                count[a, lane] = 1.0 if p < 0.0 else 0.0
+                count[a, lane] = one if p < zero else zero
         for i in range(1, n):
             for a in range(cap):
                 for lane in range(L):
                     p = (D[i, lane] - mid[a, lane]) - b2[i - 1, lane] / q[a, lane]
                     p = p if abs(p) >= pivmin else -pivmin
                     q[a, lane] = p
-                    count[a, lane] += 1.0 if p < 0.0 else 0.0
+                    count[a, lane] += one if p < zero else zero
         for a in range(cap):
-            below = n - a  # eigenvalue n - 1 - a (ascending) lies below x when at least n - a of them do
+            below = f(n - a)  # eigenvalue n - 1 - a (ascending) lies below x when at least n - a of them do
             for lane in range(L):
                 if count[a, lane] >= below:
                     hi[a, lane] = mid[a, lane]
@@ -366,10 +368,12 @@ def _gram_schmidt(Y, a, n, z, check, work, act):
     """
     L = z.shape[1]
     dot, norm2 = work[13], work[14]
+    f = z.dtype.type
+    zero, one, quarter = f(0.0), f(1.0), f(0.25)
     for rep in range(2):
         for b in range(a):
             for lane in range(L):
-                dot[lane] = 0.0
+                dot[lane] = zero
             for i in range(n):
                 for lane in range(L):
                     dot[lane] += Y[b, i, lane] * z[i, lane]
@@ -377,15 +381,15 @@ def _gram_schmidt(Y, a, n, z, check, work, act):
                 for lane in range(L):
                     z[i, lane] -= dot[lane] * Y[b, i, lane]
         for lane in range(L):
-            norm2[lane] = 0.0
+            norm2[lane] = zero
         for i in range(n):
             for lane in range(L):
                 norm2[lane] += z[i, lane] * z[i, lane]
         if check and rep == 0:
             for lane in range(L):
-                act[lane] = not norm2[lane] >= 0.25  # NaN counts as lost
+                act[lane] = not norm2[lane] >= quarter  # NaN counts as lost
         for lane in range(L):
-            norm2[lane] = 1.0 / np.sqrt(norm2[lane]) if norm2[lane] > 0.0 else 0.0
+            norm2[lane] = one / np.sqrt(norm2[lane]) if norm2[lane] > zero else zero
         for i in range(n):
             for lane in range(L):
                 z[i, lane] *= norm2[lane]
@@ -492,12 +496,13 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
     Writes the eigenvalues in descending order to ``sv[:cap, l]`` (clamped at zero), their eigenvectors
     to ``Vs[:n, :cap, l]`` and the trace to ``total[l]``; ``G`` is not changed. Up to ``_LAPACK_MIN``,
     on all lanes at once: tridiagonalisation without accumulating the transform, the top eigenvalues by
-    bisection (float32) or all of them by QL (float64), then one twisted solve per kept eigenvalue, Gram-Schmidt against the earlier vectors (in the
-    tridiagonal basis) and the reflectors applied to the kept vectors only, ``O(n^2 cap)`` instead of
-    the ``O(n^3)`` of accumulated rotations. A vector that comes out dependent on the earlier ones (a
-    cluster of nearly equal eigenvalues) is redone by LAPACK for its lane, unless its eigenvalue is at
-    rounding level: then any completion of the kept vectors is as good. Scratch: ``Z`` ``(n, n, L)``,
-    ``T`` ``(11 n, L)``, ``Y`` ``(cap, n, L)``, ``work`` ``(16, L)``, ``act``/``fail`` ``(L,)`` booleans,
+    bisection (float32) or all of them by QL (float64), then one twisted solve per kept eigenvalue,
+    Gram-Schmidt against the earlier vectors (in the tridiagonal basis) and the reflectors applied to
+    the kept vectors only, ``O(n^2 cap)`` instead of the ``O(n^3)`` of accumulated rotations. A vector
+    that comes out dependent on the earlier ones (a cluster of nearly equal eigenvalues) is redone by
+    LAPACK for its lane, unless its eigenvalue is at rounding level: then any completion of the kept
+    vectors is as good. Scratch: ``Z`` ``(n, n, L)``, ``T`` ``(11 n, L)``, ``Y`` ``(cap, n, L)``,
+    ``work`` ``(16, L)``, ``act``/``fail`` ``(L,)`` booleans,
     ``pick`` ``(L,)`` integers; every entry read is written first.
     """
     L = G.shape[2]
@@ -523,7 +528,7 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
         _couplings_squared(T, n)
     for lane in range(L):
         fail[lane] = False
-    pivmin = eps * eps  # the matrices are scaled to norm about one
+    pivmin = G.dtype.type(eps * eps)  # the matrices are scaled to norm about one
     for a in range(cap):
         lam = sv[a]
         _twisted_vector(T, n, lam, pivmin, pick, work, z)
