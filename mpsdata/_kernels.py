@@ -26,8 +26,7 @@ import numba
 import numpy as np
 
 LANES = 64  # images side by side; measured best of 16/32/64/128 for encode and decode on 28x28
-_LAPACK_MIN = 32  # above this size LAPACK's divide and conquer beats our tridiagonal QL per matrix
-_BISECT_STEPS = 26  # float32 bisection: the Gershgorin interval (about 2 ||T||) down to below eps * ||T||
+_LAPACK_MIN = 128  # up to here the top-cap lane solver beats per-matrix LAPACK (5-10x at n = 24..96, cap 5)
 _JIT = {"nogil": True, "error_model": "numpy", "cache": True}
 
 
@@ -274,22 +273,29 @@ def _couplings_squared(T, n):
 
 
 @numba.njit(**_JIT)
-def _bisect_top(T, n, cap, steps, work, out):
+def _bisect_top(T, n, cap, work, out):
     """The top ``cap`` eigenvalues of every lane's tridiagonal matrix by bisection, descending, in ``out``.
 
     Each step halves every interval with one Sturm count (the signs of the ``L D L^T`` pivots of
     ``T - x I``): ``n`` dependent divisions. All ``cap`` eigenvalues of all lanes step together, so that
     ``cap * L`` independent chains hide the division latency; for a few top eigenvalues in float32 this is
-    cheaper than QL for all of them. Starts from the Gershgorin interval. Needs ``_couplings_squared``;
-    uses ``T[5n:10n]`` and ``work[:2]``.
+    cheaper than QL for all of them. Starts from the Gershgorin interval cut to ``[0, trace]`` (these are
+    Gram matrices) and takes ``24 + log2(n)`` steps, to below ``eps`` times the top eigenvalue. Needs
+    ``_couplings_squared``; uses ``T[5n:10n]`` and ``work[:3]``.
     """
     L = T.shape[1]
     D, E, b2 = T[:n], T[n : 2 * n], T[4 * n : 5 * n]
     lo, hi, mid = T[5 * n : 5 * n + cap], T[6 * n : 6 * n + cap], T[7 * n : 7 * n + cap]
     q, count = T[8 * n : 8 * n + cap], T[9 * n : 9 * n + cap]
     floor, top = work[0], work[1]
+    steps = 24  # from [0, trace] (at most n times the top eigenvalue) to below eps times it
+    m = n
+    while m > 1:
+        m >>= 1
+        steps += 1
     f = T.dtype.type  # constants in the matrix's dtype: a float64 constant would widen float32 arithmetic
-    pivmin = f(np.finfo(T.dtype).eps ** 2)  # the matrices are scaled to norm about one (1.4x faster typed)
+    eps = f(np.finfo(T.dtype).eps)
+    pivmin = eps * eps  # the matrices are scaled to norm about one (typed constants: 1.2-1.4x faster)
     one, zero, half = f(1.0), f(0.0), f(0.5)
     for lane in range(L):
         floor[lane] = np.inf
@@ -299,6 +305,17 @@ def _bisect_top(T, n, cap, steps, work, out):
             radius = abs(E[i, lane]) + (abs(E[i + 1, lane]) if i + 1 < n else zero)
             floor[lane] = min(floor[lane], D[i, lane] - radius)
             top[lane] = max(top[lane], D[i, lane] + radius)
+    trace = work[2]
+    for lane in range(L):
+        trace[lane] = zero
+    for i in range(n):
+        for lane in range(L):
+            trace[lane] += D[i, lane]
+    for lane in range(L):
+        # Gram matrices are positive semidefinite: every eigenvalue lies in [0, trace], up to rounding, and
+        # for images the trace is close to the top eigenvalue. A value below the floor is at rounding level.
+        top[lane] = min(top[lane], trace[lane] * (one + f(4 * n) * eps))
+        floor[lane] = max(floor[lane], -f(4 * n) * eps * top[lane])
     for a in range(cap):
         for lane in range(L):
             lo[a, lane] = floor[lane]
@@ -519,9 +536,9 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
     _tridiagonal_lanes(G, n, Z, T, work)
     z = T[7 * n : 8 * n]
     unscale = work[12]
-    if eps > 1e-10:  # float32: bisection for the top values only (``_BISECT_STEPS`` reach rounding level)
+    if eps > 1e-10:  # float32: bisection for the top values only
         _couplings_squared(T, n)
-        _bisect_top(T, n, cap, _BISECT_STEPS, work, sv)
+        _bisect_top(T, n, cap, work, sv)
     else:  # float64: bisection would need twice the steps; QL for all values is cheaper
         _eigenvalues_lanes(T, n, eps, work, act)
         _top_of(T[3 * n : 4 * n], n, cap, sv)
@@ -785,7 +802,7 @@ def _unfolding_tail(X, left, rank, G, Z, T, work, act, total, out):
     top = T[10 * n : 11 * n]
     if eps > 1e-10:  # as in _eigh_top_lanes
         _couplings_squared(T, n)
-        _bisect_top(T, n, most, _BISECT_STEPS, work, top)
+        _bisect_top(T, n, most, work, top)
     else:
         _eigenvalues_lanes(T, n, eps, work, act)
         _top_of(T[3 * n : 4 * n], n, most, top)

@@ -60,7 +60,7 @@ def _hard_cases(n: int, rng: np.random.Generator) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [1, 2, 3, 8, 14, 16, 31])
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 14, 16, 31, 64, 100])
 def test_top_eigenpairs_match_lapack(n: int, dtype) -> None:
     """Top eigenvalues as LAPACK's, orthonormal vectors, small residuals, and the best subspace."""
     rng = np.random.default_rng(n)
