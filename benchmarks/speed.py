@@ -346,7 +346,8 @@ def _eig_loop(grams, cap, reps):
     pick = np.zeros(L, np.int64)
     Vs = np.zeros((n, k, L), grams.dtype)
     sv = np.zeros((k, L), grams.dtype)
-    total = np.zeros(L, grams.dtype)
+    total = np.zeros(L, np.float64)
+    rq = np.zeros((k, L), np.float64)
     eps = np.finfo(grams.dtype).eps
     acc = 0.0
     for _ in range(reps):
@@ -356,7 +357,7 @@ def _eig_loop(grams, cap, reps):
                     for lane in range(L):
                         G[p, q, lane] = grams[min(b0 + lane, M - 1), p, q]
             if cap:
-                _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total)
+                _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
                 acc += sv[0, 0]
             else:
                 _kernels._tridiagonal_lanes(G, n, Z, T, work)

@@ -366,11 +366,15 @@ def _top_of(w, n, cap, out):
 
 
 @numba.njit(**_JIT)
-def _lapack_lane(G, n, cap, lane, Vs, sv):
+def _lapack_lane(G, n, cap, lane, Vs, sv, total, rq):
     """Top ``cap`` eigenpairs of one lane by LAPACK (large matrices, and lanes the fast path cannot do)."""
     w, v = np.linalg.eigh(np.ascontiguousarray(G[:n, :n, lane]))
+    total[lane] = 0.0
+    for p in range(n):
+        total[lane] += G[p, p, lane]
     for a in range(cap):
         sv[a, lane] = max(w[n - 1 - a], 0.0)
+        rq[a, lane] = w[n - 1 - a]
         for p in range(n):
             Vs[p, a, lane] = v[p, n - 1 - a]
 
@@ -507,11 +511,44 @@ def _reflect(Z, H, v, n, s):
 
 
 @numba.njit(**_JIT)
-def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
+def _rayleigh(T, Y, n, cap, unscale, total, rq):
+    """Trace of every lane's tridiagonal matrix and the Rayleigh quotients ``y^T T y`` of its unit vectors
+    ``Y[:cap]``, summed in float64 and unscaled. Their difference is the truncation error: the rounding of
+    the kept eigenvalues cancels in it (an eigenvalue's error would not cancel against the trace) and the
+    quotients' error is second order in the vectors' (float32 errors of 512 Fashion-MNIST images within
+    2e-5 of the measured ones, against 1.2e-4 from the eigenvalues)."""
+    L = T.shape[1]
+    D, E = T[:n], T[n : 2 * n]
+    for lane in range(L):
+        total[lane] = 0.0
+    for i in range(n):
+        for lane in range(L):
+            total[lane] += np.float64(D[i, lane])
+    for lane in range(L):
+        total[lane] *= unscale[lane]
+    for a in range(cap):
+        for lane in range(L):
+            rq[a, lane] = 0.0
+        for i in range(n):
+            for lane in range(L):
+                y = np.float64(Y[a, i, lane])
+                rq[a, lane] += np.float64(D[i, lane]) * y * y
+        for i in range(n - 1):
+            for lane in range(L):
+                rq[a, lane] += (
+                    2.0 * np.float64(E[i + 1, lane]) * np.float64(Y[a, i, lane]) * np.float64(Y[a, i + 1, lane])
+                )
+        for lane in range(L):
+            rq[a, lane] *= unscale[lane]
+
+
+@numba.njit(**_JIT)
+def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq):
     """Top ``cap`` eigenpairs of the leading ``n x n`` block of every lane of ``G`` (symmetric, PSD).
 
     Writes the eigenvalues in descending order to ``sv[:cap, l]`` (clamped at zero), their eigenvectors
-    to ``Vs[:n, :cap, l]`` and the trace to ``total[l]``; ``G`` is not changed. Up to ``_LAPACK_MIN``,
+    to ``Vs[:n, :cap, l]``, and in float64 the trace to ``total[l]`` and the Rayleigh quotients of the
+    vectors to ``rq[:cap, l]``; ``G`` is not changed. Up to ``_LAPACK_MIN``,
     on all lanes at once: tridiagonalisation without accumulating the transform, the top eigenvalues by
     bisection (float32) or all of them by QL (float64), then one twisted solve per kept eigenvalue,
     Gram-Schmidt against the earlier vectors (in the tridiagonal basis) and the reflectors applied to
@@ -524,14 +561,9 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
     """
     L = G.shape[2]
     eps = np.finfo(G.dtype).eps
-    for lane in range(L):
-        total[lane] = 0.0
-    for p in range(n):
-        for lane in range(L):
-            total[lane] += G[p, p, lane]
     if n > _LAPACK_MIN:
         for lane in range(L):
-            _lapack_lane(G, n, cap, lane, Vs, sv)
+            _lapack_lane(G, n, cap, lane, Vs, sv, total, rq)
         return
     _tridiagonal_lanes(G, n, Z, T, work)
     z = T[7 * n : 8 * n]
@@ -560,6 +592,7 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
         for i in range(n):
             for lane in range(L):
                 Y[a, i, lane] = z[i, lane]
+    _rayleigh(T, Y, n, cap, work[12], total, rq)
     for a in range(cap):
         _reflect(Z, T[2 * n : 3 * n], Y[a], n, work[13])
         for p in range(n):
@@ -569,12 +602,12 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total):
             sv[a, lane] = max(sv[a, lane] * unscale[lane], 0.0)
     for lane in range(L):
         if fail[lane]:
-            _lapack_lane(G, n, cap, lane, Vs, sv)
+            _lapack_lane(G, n, cap, lane, Vs, sv, total, rq)
 
 
 @numba.njit(**_JIT)
-def _choose_rank(n, cap, use_tol, delta2, total, Vs, sv, ranks_k, eps2_k):
-    """Rank of every lane and its truncation error, from the sorted top eigenpairs and the trace.
+def _choose_rank(n, cap, use_tol, delta2, total, rq, Vs, sv, ranks_k, eps2_k):
+    """Rank of every lane and its truncation error: the trace minus the kept vectors' Rayleigh quotients.
 
     The rank is ``cap``, or with ``use_tol`` the smallest rank whose discarded weight is at most
     ``delta2[l]``; pairs beyond the rank are zeroed.
@@ -585,13 +618,13 @@ def _choose_rank(n, cap, use_tol, delta2, total, Vs, sv, ranks_k, eps2_k):
         if use_tol:
             kept = 0.0
             for r in range(1, cap + 1):
-                kept += sv[r - 1, lane]
+                kept += rq[r - 1, lane]
                 if total[lane] - kept <= delta2[lane]:
                     rank = r
                     break
         kept = 0.0
         for a in range(rank):
-            kept += sv[a, lane]
+            kept += rq[a, lane]
         ranks_k[lane] = rank
         eps2_k[lane] = max(total[lane] - kept, 0.0)
         for a in range(rank, cap):
@@ -602,8 +635,9 @@ def _choose_rank(n, cap, use_tol, delta2, total, Vs, sv, ranks_k, eps2_k):
 
 @numba.njit(**_JIT)
 def _ttsvd_block(
-    X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv, total, ranks, eps2
-):
+    X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq, ranks,
+    eps2,
+):  # fmt: skip
     """TT-SVD of one block of images ``X[N, L]``, cores written to ``core[P, L]`` with bonds ``caps``.
 
     A bond that keeps every row of its unfolding (``cap == m <= ncol``, no ``tol``) needs no SVD: any
@@ -643,8 +677,8 @@ def _ttsvd_block(
                             G[p, q, lane] += C[p * ncol + t, lane] * C[q * ncol + t, lane]
                     for lane in range(L):
                         G[q, p, lane] = G[p, q, lane]
-            _eigh_top_lanes(G, m, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total)
-            _choose_rank(m, cap, use_tol, delta2, total, Vs, sv, ranks[k], eps2[k])
+            _eigh_top_lanes(G, m, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
+            _choose_rank(m, cap, use_tol, delta2, total, rq, Vs, sv, ranks[k], eps2[k])
             for p in range(m):
                 for a in range(cap):
                     for lane in range(L):
@@ -671,8 +705,8 @@ def _ttsvd_block(
                 for q in range(p + 1, ncol):
                     for lane in range(L):
                         G[q, p, lane] = G[p, q, lane]
-            _eigh_top_lanes(G, ncol, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total)
-            _choose_rank(ncol, cap, use_tol, delta2, total, Vs, sv, ranks[k], eps2[k])
+            _eigh_top_lanes(G, ncol, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
+            _choose_rank(ncol, cap, use_tol, delta2, total, rq, Vs, sv, ranks[k], eps2[k])
             # sv holds squared singular values. U = C V / sigma and the remainder sigma V^T multiply back to
             # C V V^T whatever sigma's accuracy, so only values below rounding level (which could overflow
             # the division) are dropped.
@@ -839,7 +873,8 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
     pick = np.zeros(L, np.int64)
     Vs = np.zeros((gram, cap_max, L), dtype)
     sv = np.zeros((cap_max, L), dtype)
-    total = np.zeros(L, dtype)
+    total = np.zeros(L, np.float64)  # sums whose difference is a small truncation error
+    rq = np.zeros((cap_max, L), np.float64)
     core = np.zeros((offs[-1], L), dtype)
     delta2 = np.zeros(L, dtype)
     block_ranks = np.zeros((n_bonds, L), np.int64)
@@ -862,8 +897,8 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
                             norm2 += X[i, lane] * X[i, lane]
                     delta2[lane] = tol * tol * norm2 / max(n_bonds, 1)
             _ttsvd_block(
-                X, sites, caps, offs, tol > 0, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv, total,
-                block_ranks, block_eps2,
+                X, sites, caps, offs, tol > 0, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv,
+                total, rq, block_ranks, block_eps2,
             )  # fmt: skip
             left = 1
             for k in range(n_bonds):

@@ -12,7 +12,7 @@ def _solve_top(mats: np.ndarray, cap: int, fill: float = 0.0) -> tuple[np.ndarra
     """Run ``_kernels._eigh_top_lanes`` on ``mats`` ``(L, n, n)`` with every scratch array set to ``fill``.
 
     Returns the top ``cap`` eigenvalues ``(L, cap)`` (descending), their vectors ``(L, n, cap)``, the
-    traces ``(L,)`` and which lanes went to LAPACK.
+    traces ``(L,)`` and which lanes went to LAPACK; checks the Rayleigh quotients against the vectors.
     """
     lanes, n, _ = mats.shape
     dtype = mats.dtype
@@ -26,9 +26,15 @@ def _solve_top(mats: np.ndarray, cap: int, fill: float = 0.0) -> tuple[np.ndarra
     pick = np.full(lanes, -1 if fill else 0, np.int64)
     Vs = np.full((n, cap, lanes), fill, dtype)
     sv = np.full((cap, lanes), fill, dtype)
-    total = np.full(lanes, fill, dtype)
-    _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total)
+    total = np.full(lanes, fill, np.float64)
+    rq = np.full((cap, lanes), fill, np.float64)
+    _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
     assert np.array_equal(G, before)  # the input is not changed
+    vecs = Vs.transpose(2, 0, 1).astype(np.float64)
+    quotients = np.einsum("lpa,lpq,lqa->la", vecs, mats.astype(np.float64), vecs)
+    scale = np.abs(mats.astype(np.float64)).sum((1, 2))[:, None] + np.finfo(np.float64).tiny
+    symmetric = np.array([np.array_equal(a, a.T) for a in mats])  # some neighbour lanes are junk on purpose
+    assert np.all((np.abs(rq.T - quotients) <= 20 * n * np.finfo(dtype).eps * scale)[symmetric])
     return sv.T.copy(), Vs.transpose(2, 0, 1).copy(), total, fail
 
 
