@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import _budget
 from ._engine import _contract_torch
-from ._mps import _check_int, _check_number, decompose
+from ._mps import _all_finite, _check_int, _check_number, decompose
 from ._signal import dct2
 from ._typing import SiteDims
 
@@ -543,7 +543,7 @@ def k_center_coreset(features: torch.Tensor, ratio: float, seed: int | None = No
     compute = torch.float64 if features.dtype == torch.float64 else torch.float32
     feats = features.reshape(n, -1).to(compute)
     chunks = range(0, n, 4096)  # work on row chunks: no second (n, d) temporary
-    if not all(bool(torch.isfinite(feats[i : i + 4096]).all()) for i in chunks):
+    if not all(_all_finite(feats[i : i + 4096]) for i in chunks):
         raise ValueError(f"features (shape {tuple(features.shape)}) contain NaN or infinite values")
     if feats.data_ptr() == features.data_ptr():
         feats = feats.clone()  # centred in place below; never modify the caller's tensor
@@ -579,7 +579,7 @@ def _images(x) -> torch.Tensor:
             f"x must be a batch of images (N, H, W) or (N, C, H, W) with H, W >= 1, got shape {tuple(x.shape)}; "
             "add a batch dim to a single image with x[None]"
         )
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not _all_finite(x):
         raise ValueError(f"x (shape {tuple(x.shape)}) contains NaN or infinite values; clean or clamp them first")
     return x if x.ndim == 4 else x[:, None]
 

@@ -786,3 +786,18 @@ def test_auto_site_dims_errors() -> None:
         mpsdata.decompose(torch.rand(2, 4, 8, 8), ratio=0.5, site_dims="auto", channel_mode="site")
     rgb = mpsdata.decompose(torch.rand(2, 3, 8, 8), ratio=0.5, site_dims="auto", channel_mode="site")
     assert rgb.layout.channel_site and rgb.reconstruct().shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_non_finite_values_are_found_anywhere(dtype) -> None:
+    from mpsdata._mps import _all_finite
+
+    x = torch.rand(7, 28, 28).to(dtype)
+    assert _all_finite(x) and _all_finite(x[:0]) and _all_finite(torch.zeros(3, dtype=torch.uint8))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for index in ((0, 0, 0), (3, 14, 9), (6, 27, 27)):
+            bad = x.clone()
+            bad[index] = value
+            assert not _all_finite(bad), (value, index)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mpsdata.decompose(torch.full((2, 8, 8), float("-inf"), dtype=dtype), ratio=0.5)
