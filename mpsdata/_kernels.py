@@ -16,7 +16,7 @@ transform (``_tred2_lanes``), the top eigenvalues by bisection (float32) or all 
 ``_tql2_lanes``), one twisted-factorisation solve per kept eigenvalue, Gram-Schmidt, and the reflectors
 applied to the kept vectors only. One image at a time, ``tql2`` with vectors is a chain of dependent square
 roots and divisions (~5 us for 14x14); across lanes and for the top few vectors only, the same problem costs
-~1.5 us per image in float32. Cyclic Jacobi on lanes measured slower than lockstep QL. Matrices larger than
+~1.3 us per image in float32. Cyclic Jacobi on lanes measured slower than lockstep QL. Matrices larger than
 ``_LAPACK_MIN`` go to LAPACK, as do the rare lanes whose twisted vectors come out dependent (clusters).
 """
 
