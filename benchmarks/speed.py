@@ -330,12 +330,13 @@ def run_decode(name: str, x: torch.Tensor, layout, bonds, count: int, repeats: i
 # ---------------------------------------------------------------------------------------------------
 # Profile: where does our encode time go?
 @numba.njit(nogil=True)
-def _eig_loop(grams, cap, reps):
+def _eig_loop(grams, cap, vectors, reps):
     """The kernels' eigensolver on every ``n x n`` matrix of ``grams``, ``LANES`` at once: the top ``cap``
-    eigenpairs (``_eigh_top_lanes``, as the sweep), or with ``cap == 0`` all eigenvalues only (as the tails)."""
+    eigenpairs (``_eigh_top_lanes``, as the sweep) or, without ``vectors``, the top ``cap`` eigenvalues only
+    (``_top_values``, as the Definition-1 tails)."""
     M, n, _ = grams.shape
     L = _kernels.LANES
-    k = max(cap, 1)
+    k = cap
     G = np.zeros((n, n, L), grams.dtype)
     Z = np.zeros((n, n, L), grams.dtype)
     T = np.zeros((11 * n, L), grams.dtype)
@@ -348,7 +349,6 @@ def _eig_loop(grams, cap, reps):
     sv = np.zeros((k, L), grams.dtype)
     total = np.zeros(L, np.float64)
     rq = np.zeros((k, L), np.float64)
-    eps = np.finfo(grams.dtype).eps
     acc = 0.0
     for _ in range(reps):
         for b0 in range(0, M, L):
@@ -356,13 +356,12 @@ def _eig_loop(grams, cap, reps):
                 for q in range(n):
                     for lane in range(L):
                         G[p, q, lane] = grams[min(b0 + lane, M - 1), p, q]
-            if cap:
+            if vectors:
                 _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
-                acc += sv[0, 0]
             else:
                 _kernels._tridiagonal_lanes(G, n, Z, T, work)
-                _kernels._eigenvalues_lanes(T, n, eps, work, act)
-                acc += T[3 * n, 0]
+                _kernels._top_values(T, n, cap, work, act, sv)
+            acc += sv[0, 0]
     return acc
 
 
@@ -390,7 +389,7 @@ def run_profile(x: torch.Tensor, layout, bonds, repeats: int) -> dict:
         if not (m <= rest and bonds[k] == m):
             sweep.append((min(m, rest), bonds[k]))
         if own_tail[k]:
-            tails.append(min(prefix, layout.num_values // prefix))
+            tails.append((min(prefix, layout.num_values // prefix), bonds[k]))
         cap_left = bonds[k]
     out["sweep_eig_sizes"], out["tail_eig_sizes"] = sweep, tails
     torch.set_num_threads(1)
@@ -404,13 +403,13 @@ def run_profile(x: torch.Tensor, layout, bonds, repeats: int) -> dict:
             # sweep's matrices where earlier bonds were kept whole; close to them elsewhere).
             prefixes = np.cumprod(sites[:-1])
             grams = {}
-            for size in sorted({size for size, _ in sweep} | set(tails)):
+            for size in sorted({size for size, _ in sweep + tails}):
                 left = next(int(p) for p in prefixes if min(p, layout.num_values // p) == size)
                 grams[size] = unfolding_grams(flat_sites.double(), left).astype(np_dtype)
             for size, cap in sweep:  # compile
-                _eig_loop(grams[size][:2], cap, 1)
-            for size in tails:
-                _eig_loop(grams[size][:2], 0, 1)
+                _eig_loop(grams[size][:2], cap, True, 1)
+            for size, cap in tails:
+                _eig_loop(grams[size][:2], cap, False, 1)
             fns = {
                 "encode tails=False": lambda f=flat, d=dtype: _engine.encode(
                     f, layout.gather_index, sites, bonds, dtype=d, tails=False
@@ -420,9 +419,9 @@ def run_profile(x: torch.Tensor, layout, bonds, repeats: int) -> dict:
                 ),
             }
             for size, cap in sweep:
-                fns[f"eig {size}x{size} top {cap}"] = lambda g=grams[size], c=cap: _eig_loop(g, c, 1)
-            for size in tails:
-                fns[f"eig {size}x{size} values"] = lambda g=grams[size]: _eig_loop(g, 0, 1)
+                fns[f"eig {size}x{size} top {cap}"] = lambda g=grams[size], c=cap: _eig_loop(g, c, True, 1)
+            for size, cap in tails:
+                fns[f"eig {size}x{size} top {cap} values"] = lambda g=grams[size], c=cap: _eig_loop(g, c, False, 1)
             for fn in fns.values():
                 fn()
             times: dict[str, list[float]] = {k: [] for k in fns}
@@ -431,7 +430,7 @@ def run_profile(x: torch.Tensor, layout, bonds, repeats: int) -> dict:
                     times[k].append(timed(fn)[0])
             us = {k: min(v) / B * 1e6 for k, v in times.items()}
             eig_sweep = sum(us[f"eig {s}x{s} top {c}"] for s, c in sweep)
-            eig_tails = sum(us[f"eig {s}x{s} values"] for s in tails)
+            eig_tails = sum(us[f"eig {s}x{s} top {c} values"] for s, c in tails)
             rows = {"us_per_image_min": us}
             rows["eigensolver_us_sweep"] = eig_sweep
             rows["eigensolver_us_tails"] = eig_tails

@@ -345,7 +345,7 @@ def _bisect_top(T, n, cap, work, out):
                     lo[a, lane] = mid[a, lane]
     for a in range(cap):
         for lane in range(L):
-            x = 0.5 * (lo[a, lane] + hi[a, lane])
+            x = half * (lo[a, lane] + hi[a, lane])
             out[a, lane] = min(x, out[a - 1, lane]) if a > 0 else x  # equal values may round apart
 
 
@@ -366,6 +366,21 @@ def _top_of(w, n, cap, out):
 
 
 @numba.njit(**_JIT)
+def _top_values(T, n, cap, work, act, out):
+    """The top ``cap`` eigenvalues of the tridiagonal matrices of ``T`` (scaled), descending, in ``out``,
+    and the squared couplings in ``T[4n:5n]``. Float32: bisection for those values only; float64: QL for
+    all of them, cheaper than bisection with twice the steps."""
+    eps = np.finfo(T.dtype).eps
+    if eps > 1e-10:
+        _couplings_squared(T, n)
+        _bisect_top(T, n, cap, work, out)
+    else:
+        _eigenvalues_lanes(T, n, eps, work, act)
+        _top_of(T[3 * n : 4 * n], n, cap, out)
+        _couplings_squared(T, n)
+
+
+@numba.njit(**_JIT)
 def _lapack_lane(G, n, cap, lane, Vs, sv, total, rq):
     """Top ``cap`` eigenpairs of one lane by LAPACK (large matrices, and lanes the fast path cannot do)."""
     w, v = np.linalg.eigh(np.ascontiguousarray(G[:n, :n, lane]))
@@ -380,33 +395,34 @@ def _lapack_lane(G, n, cap, lane, Vs, sv, total, rq):
 
 
 @numba.njit(**_JIT)
-def _gram_schmidt(Y, a, n, z, check, work, act):
-    """Orthogonalise ``z`` (``(n, L)``, unit norm) against ``Y[:a]`` twice and normalise it.
+def _gram_schmidt(Y, a, n, z, work, act):
+    """Normalise ``z`` (``(n, L)``), orthogonalise it against ``Y[:a]`` twice and normalise it again.
 
-    With ``check``, ``act[l]`` says whether lane ``l`` lost more than three quarters of its norm in the
-    first pass (or is not finite): its vector was mostly in the span of the earlier ones, so what is
-    left is amplified error rather than a new direction.
+    ``act[l]`` says whether lane ``l`` lost more than three quarters of its norm in the first pass (or is
+    not finite): its vector was mostly in the span of the earlier ones, so what is left is amplified error
+    rather than a new direction.
     """
     L = z.shape[1]
     dot, norm2 = work[13], work[14]
     f = z.dtype.type
     zero, one, quarter = f(0.0), f(1.0), f(0.25)
-    for rep in range(2):
-        for b in range(a):
-            for lane in range(L):
-                dot[lane] = zero
-            for i in range(n):
+    for rep in range(3):
+        if rep:
+            for b in range(a):
                 for lane in range(L):
-                    dot[lane] += Y[b, i, lane] * z[i, lane]
-            for i in range(n):
-                for lane in range(L):
-                    z[i, lane] -= dot[lane] * Y[b, i, lane]
+                    dot[lane] = zero
+                for i in range(n):
+                    for lane in range(L):
+                        dot[lane] += Y[b, i, lane] * z[i, lane]
+                for i in range(n):
+                    for lane in range(L):
+                        z[i, lane] -= dot[lane] * Y[b, i, lane]
         for lane in range(L):
             norm2[lane] = zero
         for i in range(n):
             for lane in range(L):
                 norm2[lane] += z[i, lane] * z[i, lane]
-        if check and rep == 0:
+        if rep == 1:
             for lane in range(L):
                 act[lane] = not norm2[lane] >= quarter  # NaN counts as lost
         for lane in range(L):
@@ -568,21 +584,14 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq
     _tridiagonal_lanes(G, n, Z, T, work)
     z = T[7 * n : 8 * n]
     unscale = work[12]
-    if eps > 1e-10:  # float32: bisection for the top values only
-        _couplings_squared(T, n)
-        _bisect_top(T, n, cap, work, sv)
-    else:  # float64: bisection would need twice the steps; QL for all values is cheaper
-        _eigenvalues_lanes(T, n, eps, work, act)
-        _top_of(T[3 * n : 4 * n], n, cap, sv)
-        _couplings_squared(T, n)
+    _top_values(T, n, cap, work, act, sv)
     for lane in range(L):
         fail[lane] = False
     pivmin = G.dtype.type(eps * eps)  # the matrices are scaled to norm about one
     for a in range(cap):
         lam = sv[a]
         _twisted_vector(T, n, lam, pivmin, pick, work, z)
-        _gram_schmidt(Y, 0, n, z, False, work, act)  # normalise
-        _gram_schmidt(Y, a, n, z, True, work, act)
+        _gram_schmidt(Y, a, n, z, work, act)
         for lane in range(L):
             if act[lane]:
                 if lam[lane] <= 4 * n * eps * max(sv[0, lane], 0.0):
@@ -801,7 +810,6 @@ def _unfolding_tail(X, left, rank, G, Z, T, work, act, total, out):
     N, L = X.shape
     right = N // left
     n = min(left, right)
-    eps = np.finfo(X.dtype).eps
     for p in range(n):
         for q in range(p, n):
             for lane in range(L):
@@ -834,12 +842,7 @@ def _unfolding_tail(X, left, rank, G, Z, T, work, act, total, out):
     for lane in range(L):
         most = max(most, min(rank[lane], n))
     top = T[10 * n : 11 * n]
-    if eps > 1e-10:  # as in _eigh_top_lanes
-        _couplings_squared(T, n)
-        _bisect_top(T, n, most, work, top)
-    else:
-        _eigenvalues_lanes(T, n, eps, work, act)
-        _top_of(T[3 * n : 4 * n], n, most, top)
+    _top_values(T, n, most, work, act, top)
     unscale = work[12]
     for lane in range(L):
         kept = 0.0
