@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 LANES = 64  # images side by side; measured best of 16/32/64/128 for encode and decode on 28x28
-_LAPACK_MIN = 128  # up to here the top-cap lane solver beats per-matrix LAPACK (5-10x at n = 24..96, cap 5)
+_LAPACK_MIN = 128  # up to here the lane solver beats per-matrix LAPACK (3.6-12x, benchmarks/eig_sizes.py)
 _JIT = {"nogil": True, "error_model": "numpy", "cache": True}
 
 
