@@ -26,7 +26,7 @@ from mpsdata import _engine
 from mpsdata._layout import make_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import DEFAULT_FASHION, load_fashion
+from speed import DEFAULT_FASHION, load_fashion, load_patches
 
 SOURCE = Path(__file__).resolve().parents[1] / "mpsdata" / "_kernels.py"
 NOOP = "@numba.njit(**_JIT)\ndef _noop(*args):\n    pass\n\n\n"
@@ -76,13 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x = load_fashion(DEFAULT_FASHION, args.images).reshape(args.images, -1).float()
+    fashion = load_fashion(DEFAULT_FASHION, args.images).reshape(args.images, -1).float()
+    patches = load_patches(None)[0][: args.images].reshape(-1, 32 * 32).float()  # one MPS per channel
+    cases = [
+        (fashion, 28, [2, 4, 7, 7, 2], (2, 6, 5, 2)),
+        (fashion, 28, [28, 28], (5,)),
+        (patches, 32, [4, 4, 4, 4, 4], (4, 6, 6, 4)),
+    ]
     original = _engine._kernels
     with tempfile.TemporaryDirectory() as tmp:
         modules = variants(Path(tmp))
         try:
-            for sites, bonds in (([2, 4, 7, 7, 2], (2, 6, 5, 2)), ([28, 28], (5,))):
-                layout = make_layout(28, 28, site_dims=sites)
+            for x, side, sites, bonds in cases:
+                layout = make_layout(side, side, site_dims=sites)
                 times: dict[str, list[float]] = {name: [] for name in modules}
                 for rep in range(args.repeats + 1):
                     for name, module in modules.items():
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         start = time.perf_counter()
                         _engine.encode(x, layout.gather_index, layout.site_dims, bonds, tails=False)
                         if rep:  # the first round compiles
-                            times[name].append((time.perf_counter() - start) / args.images * 1e6)
+                            times[name].append((time.perf_counter() - start) / x.shape[0] * 1e6)
                 row = ", ".join(f"{name} {min(t):.2f}" for name, t in times.items())
                 print(f"sites {sites} bonds {list(bonds)}, us/image: {row}", flush=True)
         finally:

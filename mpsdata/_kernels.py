@@ -499,14 +499,20 @@ def _twisted_vector(T, n, lam, pivmin, pick, work, z):
     for i in range(n):
         for lane in range(L):
             z[i, lane] = 1.0 if i == pick[lane] else 0.0
+    # Entries decay away from the twist, geometrically where couplings are small; those below pivmin
+    # (eps**2 of z_r = 1) are zero to working precision, and left alone they become subnormal numbers,
+    # whose arithmetic costs ~100x in the steps that follow (0.55x time for 28x28 on Intel with them cut).
+    zero = z.dtype.type(0.0)
     for i in range(n - 2, -1, -1):
         for lane in range(L):
             if i < pick[lane]:
-                z[i, lane] = -(E[i + 1, lane] * z[i + 1, lane]) / Dp[i, lane]
+                x = -(E[i + 1, lane] * z[i + 1, lane]) / Dp[i, lane]
+                z[i, lane] = zero if abs(x) < pivmin else x
     for i in range(1, n):
         for lane in range(L):
             if i > pick[lane]:
-                z[i, lane] = -(E[i, lane] * z[i - 1, lane]) / Dm[i, lane]
+                x = -(E[i, lane] * z[i - 1, lane]) / Dm[i, lane]
+                z[i, lane] = zero if abs(x) < pivmin else x
 
 
 @numba.njit(**_JIT)
