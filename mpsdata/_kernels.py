@@ -469,7 +469,8 @@ def _twisted_vector(T, n, lam, pivmin, pick, work, z):
     One solve with a twisted factorisation of ``T - lam I`` (Dhillon & Parlett 2004): the stationary
     ``L D L^T`` from the top (``Dp``) and ``U D U^T`` from the bottom (``Dm``) meet at the index ``r``
     where ``|gamma_r| = |Dp_r + Dm_r - (d_r - lam)|`` is smallest, the row where the eigenvector is
-    large, and ``z_r = 1`` is propagated outwards. Pivots below ``pivmin`` are replaced by ``-pivmin``.
+    large, and ``z_r = 1`` is propagated outwards. Pivots below ``pivmin`` are replaced by ``-pivmin``;
+    entries below ``pivmin`` come back as zero, so no subnormal number reaches the steps that follow.
     """
     L = T.shape[1]
     D, E, b2, Dp, Dm = T[:n], T[n : 2 * n], T[4 * n : 5 * n], T[5 * n : 6 * n], T[6 * n : 7 * n]
@@ -499,20 +500,28 @@ def _twisted_vector(T, n, lam, pivmin, pick, work, z):
     for i in range(n):
         for lane in range(L):
             z[i, lane] = 1.0 if i == pick[lane] else 0.0
-    # Entries decay away from the twist, geometrically where couplings are small; those below pivmin
-    # (eps**2 of z_r = 1) are zero to working precision, and left alone they become subnormal numbers,
-    # whose arithmetic costs ~100x in the steps that follow (0.55x time for 28x28 on Intel with them cut).
+    # Entries decay away from the twist, geometrically where couplings are small, and left alone they
+    # become subnormal numbers, whose arithmetic costs ~100x on Intel (28x28 encodes ran 1.8x slower).
+    # Below the smallest normal number they are cut to zero. Not at a larger threshold: a tiny entry
+    # next to a pivot clamped at pivmin grows back by up to 1 / pivmin (an eigenvector with a zero
+    # inside), and tiny / pivmin is still far below rounding of z_r = 1.
     zero = z.dtype.type(0.0)
+    tiny = z.dtype.type(np.finfo(z.dtype).tiny)
     for i in range(n - 2, -1, -1):
         for lane in range(L):
             if i < pick[lane]:
                 x = -(E[i + 1, lane] * z[i + 1, lane]) / Dp[i, lane]
-                z[i, lane] = zero if abs(x) < pivmin else x
+                z[i, lane] = zero if abs(x) < tiny else x
     for i in range(1, n):
         for lane in range(L):
             if i > pick[lane]:
                 x = -(E[i, lane] * z[i - 1, lane]) / Dm[i, lane]
-                z[i, lane] = zero if abs(x) < pivmin else x
+                z[i, lane] = zero if abs(x) < tiny else x
+    # Then entries below pivmin (eps**2 of z_r = 1, far below rounding of the unit vector) are cut too, so
+    # that their squares and products in the steps that follow stay normal numbers.
+    for i in range(n):
+        for lane in range(L):
+            z[i, lane] = zero if abs(z[i, lane]) < pivmin else z[i, lane]
 
 
 @numba.njit(**_JIT)

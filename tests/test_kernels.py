@@ -115,6 +115,23 @@ def test_repeated_eigenvalues_give_a_basis_of_their_eigenspace() -> None:
         assert np.allclose(a @ v, v * np.diag(v.T @ a @ v))
 
 
+@pytest.mark.parametrize(("dtype", "coupling"), [(np.float32, 1e-4), (np.float64, 1e-12)])
+def test_eigenvectors_hold_no_subnormal_numbers(dtype, coupling: float) -> None:
+    """Weakly coupled rows: the eigenvectors decay below the smallest normal number away from their peak.
+    Those entries come back as zero (subnormal arithmetic is ~100x slower on x86), the pairs stay exact."""
+    n = 31
+    t = np.diag(np.linspace(1.0, 0.1, n)) + coupling * (np.eye(n, k=1) + np.eye(n, k=-1))
+    mats = np.stack([t, t[::-1, ::-1]]).astype(dtype)
+    values, vecs, _, _ = _solve_top(mats, 5)
+    assert not ((vecs != 0) & (np.abs(vecs) < np.finfo(dtype).tiny)).any()
+    tol = 50 * n * np.finfo(dtype).eps
+    for lane, a in enumerate(mats.astype(np.float64)):
+        v = vecs[lane].astype(np.float64)
+        assert np.allclose(values[lane], np.linalg.eigvalsh(a)[::-1][:5], rtol=0, atol=tol)
+        assert np.abs(v.T @ v - np.eye(5)).max() <= tol
+        assert np.abs(a @ v - v * values[lane].astype(np.float64)).max() <= tol
+
+
 def test_large_matrices_use_lapack() -> None:
     rng = np.random.default_rng(1)
     n = _kernels._LAPACK_MIN + 1
