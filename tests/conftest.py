@@ -9,8 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 FASHION_ENV = "MPSDATA_FASHION_MNIST"
+
+# Property tests explore new random examples on every run; CI (.ci/run sets MPSDATA_HYPOTHESIS_PROFILE=ci)
+# replays a fixed set instead, so a merge is never decided by which examples a run happened to draw.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("MPSDATA_HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -575,7 +575,10 @@ def test_property_sizes_layouts_budgets(height, width, family, budget, seed) -> 
     x = torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     layout = make_layout(height, width, site_dims=site_dims)
     terms = budget.get("residual", 0) + 1
-    if "ratio" in budget and budget["ratio"] < min_ratio(layout.site_dims, layout.num_values, terms):
+    # A parameter budget (ratio * values / terms) within 1e-9 of a whole count is that count: rounding in
+    # the ratio (0.9999999999999999 for a 2x2 image's 1.0) does not make it too small.
+    smallest = min_ratio(layout.site_dims, layout.num_values, terms)
+    if "ratio" in budget and budget["ratio"] * layout.num_values / terms + 1e-9 < smallest * layout.num_values / terms:
         with pytest.raises(ValueError, match="too small"):
             mpsdata.decompose(x, site_dims=site_dims, **budget)
         return
