@@ -11,6 +11,9 @@ Usage::
 
     .venv/bin/python benchmarks/kernel_ab.py a39a8ad WORKTREE           # one thread, 4096 images
     .venv/bin/python benchmarks/kernel_ab.py HEAD~1 HEAD --threads 2 --images 10000
+
+Cases: Fashion-MNIST on three layouts and 32x32 patches at fixed bonds, and both under ``tol=0.1`` with the
+largest bonds as caps (what ``decompose(x, tol=0.1)`` runs).
 """
 
 from __future__ import annotations
@@ -67,22 +70,25 @@ def main(argv: list[str] | None = None) -> int:
     patches = patches[: args.images].reshape(-1, 32 * 32)  # one MPS per channel
     fashion_layout = make_layout(28, 28, site_dims=[2, 4, 7, 7, 2])
     patch_layout = make_layout(32, 32, site_dims=[4, 4, 4, 4, 4])
-    cases = [
-        ("Fashion-MNIST [2,4,7,7,2] bonds [2,6,5,2]", fashion, fashion_layout, (2, 6, 5, 2)),
-        ("Fashion-MNIST default [28,28] bond 5 (ratio 0.4)", fashion, make_layout(28, 28), (5,)),
+    cases = [  # name, images, layout, bonds, tol
+        ("Fashion-MNIST [2,4,7,7,2] bonds [2,6,5,2]", fashion, fashion_layout, (2, 6, 5, 2), 0.0),
+        ("Fashion-MNIST default [28,28] bond 5 (ratio 0.4)", fashion, make_layout(28, 28), (5,), 0.0),
         (
             "Fashion-MNIST hierarchical [49,4,4] bonds [4,4] (ratio 0.4)",
             fashion,
             make_layout(28, 28, site_dims="hierarchical"),
             (4, 4),
+            0.0,
         ),
-        ("32x32 channels [4,4,4,4,4] bonds [4,6,6,4]", patches, patch_layout, (4, 6, 6, 4)),
+        ("32x32 channels [4,4,4,4,4] bonds [4,6,6,4]", patches, patch_layout, (4, 6, 6, 4), 0.0),
+        ("Fashion-MNIST default [28,28] tol 0.1 (caps 28)", fashion, make_layout(28, 28), (28,), 0.1),
+        ("32x32 channels [4,4,4,4,4] tol 0.1 (caps [4,16,16,4])", patches, patch_layout, (4, 16, 16, 4), 0.1),
     ]
     original = _engine._kernels
     with tempfile.TemporaryDirectory() as tmp:
         versions = {args.a: load_kernels(args.a, Path(tmp)), args.b: load_kernels(args.b, Path(tmp))}
         try:
-            for name, x, layout, bonds in cases:
+            for name, x, layout, bonds, tol in cases:
                 for dtype in (torch.float32, torch.float64):
                     xf = x.to(dtype)
                     times: dict[str, list[float]] = {rev: [] for rev in versions}
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                             _engine._kernels = module
                             start = time.perf_counter()
                             packed = _engine.encode(
-                                xf, layout.gather_index, layout.site_dims, bonds, dtype=dtype, tails=True
+                                xf, layout.gather_index, layout.site_dims, bonds, tol=tol, dtype=dtype, tails=True
                             )
                             elapsed = time.perf_counter() - start
                             if rep:  # the first round compiles

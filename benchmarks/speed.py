@@ -345,6 +345,8 @@ def _eig_loop(grams, cap, vectors, reps):
     act = np.zeros(L, np.bool_)
     fail = np.zeros(L, np.bool_)
     pick = np.zeros(L, np.int64)
+    want = np.zeros(L, np.int64)
+    delta2 = np.zeros(L, grams.dtype)
     Vs = np.zeros((n, k, L), grams.dtype)
     sv = np.zeros((k, L), grams.dtype)
     total = np.zeros(L, np.float64)
@@ -357,7 +359,9 @@ def _eig_loop(grams, cap, vectors, reps):
                     for lane in range(L):
                         G[p, q, lane] = grams[min(b0 + lane, M - 1), p, q]
             if vectors:
-                _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
+                _kernels._eigh_top_lanes(
+                    G, n, cap, False, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq
+                )
             else:
                 _kernels._tridiagonal_lanes(G, n, Z, T, work)
                 _kernels._top_values(T, n, cap, work, act, sv)

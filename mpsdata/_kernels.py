@@ -542,23 +542,29 @@ def _reflect(Z, H, v, n, s):
 
 
 @numba.njit(**_JIT)
-def _rayleigh(T, Y, n, cap, unscale, total, rq):
-    """Trace of every lane's tridiagonal matrix and the Rayleigh quotients ``y^T T y`` of its unit vectors
-    ``Y[:cap]``, summed in float64 and unscaled. Their difference is the truncation error: the rounding of
-    the kept eigenvalues cancels in it (an eigenvalue's error would not cancel against the trace) and the
-    quotients' error is second order in the vectors'. Float32 on 4,096 Fashion-MNIST images, hierarchical
-    layout: reported errors within 2.1e-5 of the measured ones, against 1.2e-4 from the bisection values
-    (``benchmarks/kernel_ab.py 0f9d567 WORKTREE``)."""
+def _trace(T, n, unscale, total):
+    """Trace of every lane's tridiagonal matrix, summed in float64 and unscaled."""
     L = T.shape[1]
-    D, E = T[:n], T[n : 2 * n]
     for lane in range(L):
         total[lane] = 0.0
     for i in range(n):
         for lane in range(L):
-            total[lane] += np.float64(D[i, lane])
+            total[lane] += np.float64(T[i, lane])
     for lane in range(L):
         total[lane] *= unscale[lane]
-    for a in range(cap):
+
+
+@numba.njit(**_JIT)
+def _rayleigh(T, Y, n, count, unscale, rq):
+    """Rayleigh quotients ``y^T T y`` of every lane's unit vectors ``Y[:count]``, summed in float64 and
+    unscaled. The trace minus them is the truncation error: the rounding of the kept eigenvalues cancels
+    in it (an eigenvalue's error would not cancel against the trace) and the quotients' error is second
+    order in the vectors'. Float32 on 4,096 Fashion-MNIST images, hierarchical layout: reported errors
+    within 2.1e-5 of the measured ones, against 1.2e-4 from the bisection values
+    (``benchmarks/kernel_ab.py 0f9d567 WORKTREE``)."""
+    L = T.shape[1]
+    D, E = T[:n], T[n : 2 * n]
+    for a in range(count):
         for lane in range(L):
             rq[a, lane] = 0.0
         for i in range(n):
@@ -575,41 +581,66 @@ def _rayleigh(T, Y, n, cap, unscale, total, rq):
 
 
 @numba.njit(**_JIT)
-def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq):
+def _needed(cap, use_tol, delta2, values, unscale, total, want):
+    """How many eigenpairs every lane needs: ``cap``, or with ``use_tol`` one more than the smallest rank
+    whose discarded weight by the eigenvalues (``values``, scaled, descending) is at most ``delta2[l]``
+    (the spare pair absorbs the eigenvalues' rounding: the rank is decided on Rayleigh quotients)."""
+    L = want.shape[0]
+    for lane in range(L):
+        need = cap
+        if use_tol:
+            kept = 0.0
+            for r in range(1, cap + 1):
+                kept += max(np.float64(values[r - 1, lane]), 0.0) * unscale[lane]
+                if total[lane] - kept <= delta2[lane]:
+                    need = min(r + 1, cap)
+                    break
+        want[lane] = need
+
+
+@numba.njit(**_JIT)
+def _eigh_top_lanes(G, n, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq):
     """Top ``cap`` eigenpairs of the leading ``n x n`` block of every lane of ``G`` (symmetric, PSD).
 
     Writes the eigenvalues in descending order to ``sv[:cap, l]`` (clamped at zero), their eigenvectors
     to ``Vs[:n, :cap, l]``, and in float64 the trace to ``total[l]`` and the Rayleigh quotients of the
-    vectors to ``rq[:cap, l]``; ``G`` is not changed. Up to ``_LAPACK_MIN``,
-    on all lanes at once: tridiagonalisation without accumulating the transform, the top eigenvalues by
-    bisection (float32) or all of them by QL (float64), then one twisted solve per kept eigenvalue,
-    Gram-Schmidt against the earlier vectors (in the tridiagonal basis) and the reflectors applied to
-    the kept vectors only, ``O(n^2 cap)`` instead of the ``O(n^3)`` of accumulated rotations. A vector
-    that comes out dependent on the earlier ones (a cluster of nearly equal eigenvalues) is redone by
-    LAPACK for its lane, unless its eigenvalue is at rounding level: then any completion of the kept
-    vectors is as good. Scratch: ``Z`` ``(n, n, L)``, ``T`` ``(11 n, L)``, ``Y`` ``(cap, n, L)``,
-    ``work`` ``(16, L)``, ``act``/``fail`` ``(L,)`` booleans,
-    ``pick`` ``(L,)`` integers; every entry read is written first.
+    vectors to ``rq[:cap, l]``; ``G`` is not changed. With ``use_tol`` a lane needs only the pairs that
+    reach its tolerance ``delta2[l]`` (``_needed``, written to ``want[l]``): pairs from ``want[l]`` on are
+    left undefined, and a tolerance that keeps 6 of 28 pairs costs a third of all 28. Up to
+    ``_LAPACK_MIN``, on all lanes at once: tridiagonalisation without accumulating the transform, the
+    top eigenvalues by bisection (float32) or all of them by QL (float64), then one twisted solve per kept
+    eigenvalue, Gram-Schmidt against the earlier vectors (in the tridiagonal basis) and the reflectors
+    applied to the kept vectors only, ``O(n^2 cap)`` instead of the ``O(n^3)`` of accumulated rotations.
+    A vector that comes out dependent on the earlier ones (a cluster of nearly equal eigenvalues) is
+    redone by LAPACK for its lane, unless its eigenvalue is at rounding level: then any completion of the
+    kept vectors is as good. Scratch: ``Z`` ``(n, n, L)``, ``T`` ``(11 n, L)``, ``Y`` ``(cap, n, L)``,
+    ``work`` ``(16, L)``, ``act``/``fail`` ``(L,)`` booleans, ``pick`` ``(L,)`` integers; every entry
+    read is written first.
     """
     L = G.shape[2]
     eps = np.finfo(G.dtype).eps
     if n > _LAPACK_MIN:
         for lane in range(L):
             _lapack_lane(G, n, cap, lane, Vs, sv, total, rq)
+            want[lane] = cap
         return
     _tridiagonal_lanes(G, n, Z, T, work)
     z = T[7 * n : 8 * n]
     unscale = work[12]
     _top_values(T, n, cap, work, act, sv)
+    _trace(T, n, unscale, total)
+    _needed(cap, use_tol, delta2, sv, unscale, total, want)
+    count = 0
     for lane in range(L):
+        count = max(count, want[lane])
         fail[lane] = False
     pivmin = G.dtype.type(eps * eps)  # the matrices are scaled to norm about one
-    for a in range(cap):
+    for a in range(count):
         lam = sv[a]
         _twisted_vector(T, n, lam, pivmin, pick, work, z)
         _gram_schmidt(Y, a, n, z, work, act)
         for lane in range(L):
-            if act[lane]:
+            if act[lane] and a < want[lane]:  # a pair the lane does not need never sends it to LAPACK
                 if lam[lane] <= 4 * n * eps * max(sv[0, lane], 0.0):
                     _complete_lane(Y, a, n, lane, z)
                 else:
@@ -617,12 +648,13 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq
         for i in range(n):
             for lane in range(L):
                 Y[a, i, lane] = z[i, lane]
-    _rayleigh(T, Y, n, cap, work[12], total, rq)
-    for a in range(cap):
+    _rayleigh(T, Y, n, count, unscale, rq)
+    for a in range(count):
         _reflect(Z, T[2 * n : 3 * n], Y[a], n, work[13])
         for p in range(n):
             for lane in range(L):
                 Vs[p, a, lane] = Y[a, p, lane]
+    for a in range(cap):
         for lane in range(L):
             sv[a, lane] = max(sv[a, lane] * unscale[lane], 0.0)
     for lane in range(L):
@@ -631,18 +663,18 @@ def _eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq
 
 
 @numba.njit(**_JIT)
-def _choose_rank(n, cap, use_tol, delta2, total, rq, Vs, sv, ranks_k, eps2_k):
+def _choose_rank(n, cap, use_tol, delta2, want, total, rq, Vs, sv, ranks_k, eps2_k):
     """Rank of every lane and its truncation error: the trace minus the kept vectors' Rayleigh quotients.
 
     The rank is ``cap``, or with ``use_tol`` the smallest rank whose discarded weight is at most
-    ``delta2[l]``; pairs beyond the rank are zeroed.
+    ``delta2[l]``, at most ``want[l]`` (see ``_eigh_top_lanes``); pairs beyond the rank are zeroed.
     """
     L = sv.shape[1]
     for lane in range(L):
-        rank = cap
+        rank = want[lane]
         if use_tol:
             kept = 0.0
-            for r in range(1, cap + 1):
+            for r in range(1, want[lane] + 1):
                 kept += rq[r - 1, lane]
                 if total[lane] - kept <= delta2[lane]:
                     rank = r
@@ -660,8 +692,8 @@ def _choose_rank(n, cap, use_tol, delta2, total, rq, Vs, sv, ranks_k, eps2_k):
 
 @numba.njit(**_JIT)
 def _ttsvd_block(
-    X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq, ranks,
-    eps2,
+    X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq,
+    ranks, eps2,
 ):  # fmt: skip
     """TT-SVD of one block of images ``X[N, L]``, cores written to ``core[P, L]`` with bonds ``caps``.
 
@@ -702,8 +734,8 @@ def _ttsvd_block(
                             G[p, q, lane] += C[p * ncol + t, lane] * C[q * ncol + t, lane]
                     for lane in range(L):
                         G[q, p, lane] = G[p, q, lane]
-            _eigh_top_lanes(G, m, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
-            _choose_rank(m, cap, use_tol, delta2, total, rq, Vs, sv, ranks[k], eps2[k])
+            _eigh_top_lanes(G, m, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq)
+            _choose_rank(m, cap, use_tol, delta2, want, total, rq, Vs, sv, ranks[k], eps2[k])
             for p in range(m):
                 for a in range(cap):
                     for lane in range(L):
@@ -730,8 +762,8 @@ def _ttsvd_block(
                 for q in range(p + 1, ncol):
                     for lane in range(L):
                         G[q, p, lane] = G[p, q, lane]
-            _eigh_top_lanes(G, ncol, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
-            _choose_rank(ncol, cap, use_tol, delta2, total, rq, Vs, sv, ranks[k], eps2[k])
+            _eigh_top_lanes(G, ncol, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq)
+            _choose_rank(ncol, cap, use_tol, delta2, want, total, rq, Vs, sv, ranks[k], eps2[k])
             # sv holds squared singular values. U = C V / sigma and the remainder sigma V^T multiply back to
             # C V V^T whatever sigma's accuracy, so only values below rounding level (which could overflow
             # the division) are dropped.
@@ -890,6 +922,7 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
     act = np.zeros(L, np.bool_)
     fail = np.zeros(L, np.bool_)
     pick = np.zeros(L, np.int64)
+    want = np.zeros(L, np.int64)
     Vs = np.zeros((gram, cap_max, L), dtype)
     sv = np.zeros((cap_max, L), dtype)
     total = np.zeros(L, np.float64)  # sums whose difference is a small truncation error
@@ -916,8 +949,8 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
                             norm2 += X[i, lane] * X[i, lane]
                     delta2[lane] = tol * tol * norm2 / max(n_bonds, 1)
             _ttsvd_block(
-                X, sites, caps, offs, tol > 0, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, Vs, sv,
-                total, rq, block_ranks, block_eps2,
+                X, sites, caps, offs, tol > 0, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, want, Vs,
+                sv, total, rq, block_ranks, block_eps2,
             )  # fmt: skip
             left = 1
             for k in range(n_bonds):

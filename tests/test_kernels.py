@@ -28,7 +28,10 @@ def _solve_top(mats: np.ndarray, cap: int, fill: float = 0.0) -> tuple[np.ndarra
     sv = np.full((cap, lanes), fill, dtype)
     total = np.full(lanes, fill, np.float64)
     rq = np.full((cap, lanes), fill, np.float64)
-    _kernels._eigh_top_lanes(G, n, cap, Z, T, Y, work, act, fail, pick, Vs, sv, total, rq)
+    want = np.full(lanes, -1 if fill else 0, np.int64)
+    delta2 = np.full(lanes, fill, dtype)
+    _kernels._eigh_top_lanes(G, n, cap, False, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq)
+    assert np.all(want == cap)
     assert np.array_equal(G, before)  # the input is not changed
     vecs = Vs.transpose(2, 0, 1).astype(np.float64)
     quotients = np.einsum("lpa,lpq,lqa->la", vecs, mats.astype(np.float64), vecs)
