@@ -38,8 +38,8 @@ CUTS = {
         ("@numba.njit(**_JIT)\ndef _choose_rank(", NOOP + "@numba.njit(**_JIT)\ndef _choose_rank("),
     ],
     "Gram matrices": [
-        ("G[p, q, lane] += C[p * ncol + t, lane] * C[q * ncol + t, lane]", "pass"),
-        ("G[p, q, lane] += C[i * ncol + p, lane] * C[i * ncol + q, lane]", "pass"),
+        ("G[p, q, lane] += C[p * cols + t, lane] * C[q * cols + t, lane]", "pass"),
+        ("G[p, q, lane] += C[i * cols + p, lane] * C[i * cols + q, lane]", "pass"),
     ],
     "projections": [
         ("C2[a * ncol + t, lane] += Vs[p, a, lane] * C[p * ncol + t, lane]", "pass"),

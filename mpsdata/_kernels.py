@@ -691,6 +691,33 @@ def _choose_rank(n, cap, use_tol, delta2, want, total, rq, Vs, sv, ranks_k, eps2
 
 
 @numba.njit(**_JIT)
+def _gram_lanes(C, rows, cols, G):
+    """Gram matrix of the smaller side of every lane's ``rows x cols`` matrix ``C[:rows * cols]`` (row-major):
+    ``C C^T`` into ``G[:rows, :rows]`` if ``rows <= cols``, else ``C^T C`` into ``G[:cols, :cols]``."""
+    L = C.shape[1]
+    if rows <= cols:
+        for p in range(rows):
+            for q in range(p, rows):
+                for lane in range(L):
+                    G[p, q, lane] = 0.0
+                for t in range(cols):
+                    for lane in range(L):
+                        G[p, q, lane] += C[p * cols + t, lane] * C[q * cols + t, lane]
+                for lane in range(L):
+                    G[q, p, lane] = G[p, q, lane]
+        return
+    for p in range(cols):
+        for q in range(p, cols):
+            for lane in range(L):
+                G[p, q, lane] = 0.0
+            for i in range(rows):
+                for lane in range(L):
+                    G[p, q, lane] += C[i * cols + p, lane] * C[i * cols + q, lane]
+            for lane in range(L):
+                G[q, p, lane] = G[p, q, lane]
+
+
+@numba.njit(**_JIT)
 def _ttsvd_block(
     X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq,
     ranks, eps2,
@@ -724,16 +751,8 @@ def _ttsvd_block(
             left = cap
             rest = ncol
             continue
+        _gram_lanes(C, m, ncol, G)
         if m <= ncol:
-            for p in range(m):
-                for q in range(p, m):
-                    for lane in range(L):
-                        G[p, q, lane] = 0.0
-                    for t in range(ncol):
-                        for lane in range(L):
-                            G[p, q, lane] += C[p * ncol + t, lane] * C[q * ncol + t, lane]
-                    for lane in range(L):
-                        G[q, p, lane] = G[p, q, lane]
             _eigh_top_lanes(G, m, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq)
             _choose_rank(m, cap, use_tol, delta2, want, total, rq, Vs, sv, ranks[k], eps2[k])
             for p in range(m):
@@ -749,19 +768,6 @@ def _ttsvd_block(
                         for lane in range(L):
                             C2[a * ncol + t, lane] += Vs[p, a, lane] * C[p * ncol + t, lane]
         else:
-            for p in range(ncol):
-                for q in range(ncol):
-                    for lane in range(L):
-                        G[p, q, lane] = 0.0
-            for i in range(m):
-                for p in range(ncol):
-                    for q in range(p, ncol):
-                        for lane in range(L):
-                            G[p, q, lane] += C[i * ncol + p, lane] * C[i * ncol + q, lane]
-            for p in range(ncol):
-                for q in range(p + 1, ncol):
-                    for lane in range(L):
-                        G[q, p, lane] = G[p, q, lane]
             _eigh_top_lanes(G, ncol, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq)
             _choose_rank(ncol, cap, use_tol, delta2, want, total, rq, Vs, sv, ranks[k], eps2[k])
             # sv holds squared singular values. U = C V / sigma and the remainder sigma V^T multiply back to
@@ -858,20 +864,7 @@ def _unfolding_tail(X, left, rank, G, Z, T, work, act, total, out):
     N, L = X.shape
     right = N // left
     n = min(left, right)
-    for p in range(n):
-        for q in range(p, n):
-            for lane in range(L):
-                G[p, q, lane] = 0.0
-            if left <= right:
-                for t in range(right):
-                    for lane in range(L):
-                        G[p, q, lane] += X[p * right + t, lane] * X[q * right + t, lane]
-            else:
-                for i in range(left):
-                    for lane in range(L):
-                        G[p, q, lane] += X[i * right + p, lane] * X[i * right + q, lane]
-            for lane in range(L):
-                G[q, p, lane] = G[p, q, lane]
+    _gram_lanes(X, left, right, G)
     for lane in range(L):
         total[lane] = 0.0
     for p in range(n):
