@@ -37,10 +37,7 @@ CUTS = {
         ("            _eigh_top_lanes(G, ncol, cap,", "            _noop(G, ncol, cap,"),
         ("@numba.njit(**_JIT)\ndef _choose_rank(", NOOP + "@numba.njit(**_JIT)\ndef _choose_rank("),
     ],
-    "Gram matrices": [
-        ("G[p, q, lane] += C[p * cols + t, lane] * C[q * cols + t, lane]", "pass"),
-        ("G[p, q, lane] += C[i * cols + p, lane] * C[i * cols + q, lane]", "pass"),
-    ],
+    "Gram matrices": [("G[p, q, lane] += C[p * step + t * stride, lane] * C[q * step + t * stride, lane]", "pass")],
     "projections": [
         ("C2[a * ncol + t, lane] += Vs[p, a, lane] * C[p * ncol + t, lane]", "pass"),
         ("core[off + i * cap + a, lane] += C[i * ncol + t, lane] * Vs[t, a, lane]", "pass"),

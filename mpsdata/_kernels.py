@@ -695,24 +695,15 @@ def _gram_lanes(C, rows, cols, G):
     """Gram matrix of the smaller side of every lane's ``rows x cols`` matrix ``C[:rows * cols]`` (row-major):
     ``C C^T`` into ``G[:rows, :rows]`` if ``rows <= cols``, else ``C^T C`` into ``G[:cols, :cols]``."""
     L = C.shape[1]
-    if rows <= cols:
-        for p in range(rows):
-            for q in range(p, rows):
-                for lane in range(L):
-                    G[p, q, lane] = 0.0
-                for t in range(cols):
-                    for lane in range(L):
-                        G[p, q, lane] += C[p * cols + t, lane] * C[q * cols + t, lane]
-                for lane in range(L):
-                    G[q, p, lane] = G[p, q, lane]
-        return
-    for p in range(cols):
-        for q in range(p, cols):
+    # Vector p of the smaller side is C[p * step + t * stride] for t < length.
+    n, length, step, stride = (rows, cols, cols, 1) if rows <= cols else (cols, rows, 1, cols)
+    for p in range(n):
+        for q in range(p, n):
             for lane in range(L):
                 G[p, q, lane] = 0.0
-            for i in range(rows):
+            for t in range(length):
                 for lane in range(L):
-                    G[p, q, lane] += C[i * cols + p, lane] * C[i * cols + q, lane]
+                    G[p, q, lane] += C[p * step + t * stride, lane] * C[q * step + t * stride, lane]
             for lane in range(L):
                 G[q, p, lane] = G[p, q, lane]
 
