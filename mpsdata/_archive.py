@@ -126,7 +126,7 @@ def _layout_from_json(data: dict[str, Any]) -> Layout:
 # Writing
 def write_core_file(
     path: str | os.PathLike,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | np.ndarray]],
     *,
     num_samples: int,
     image_shape: tuple[int, int, int],
@@ -338,10 +338,10 @@ def _store_batch(f, datasets: list[h5py.Dataset], m, start: int, store_dtype: np
     else:
         cores = m.cores
     for ds, core in zip(datasets, cores):
-        block = core.reshape(n, groups, *core.shape[-3:])
+        site = core.reshape(n, groups, *core.shape[-3:])
         if int4:
-            block = _quant._pack_int4(block.movedim(3, -1)).movedim(-1, 3)
-        block = block.numpy().astype(store_dtype)
+            site = _quant._pack_int4(site.movedim(3, -1)).movedim(-1, 3)
+        block = site.numpy().astype(store_dtype)
         left, right = max(ds.shape[2], block.shape[2]), max(ds.shape[4], block.shape[4])
         if (left, right) != (ds.shape[2], ds.shape[4]):
             ds.resize((ds.shape[0], groups, left, ds.shape[3], right))
@@ -754,8 +754,8 @@ class CoreFile(ProcessLocalFile):
             f = self._file()
             names = _dataset_names(f)[: len(self.geometry.layout.site_dims)]
             parts = [_checked(f, name) for name in names]  # (N, G, d, j, d') as stored: int4 unpacks along j
-            scales = (_checked(f, "scales"), _checked(f, "norms")) if self._integer else (None, None)
-            self._memory = _dequantize(parts, *scales, self.geometry.layout.site_dims)
+            scales, norms = (_checked(f, "scales"), _checked(f, "norms")) if self._integer else (None, None)
+            self._memory = _dequantize(parts, scales, norms, self.geometry.layout.site_dims)
             self._single_memory = None
         return self._memory
 
@@ -781,8 +781,8 @@ class CoreFile(ProcessLocalFile):
         sorted_idx = np.asarray(indices)[order]
         unique, inverse = np.unique(sorted_idx, return_inverse=True)
         parts = [_read(f, name, unique) for name in names]
-        scales = (_read(f, "scales", unique), _read(f, "norms", unique)) if self._integer else (None, None)
-        packed = _dequantize(parts, *scales, self.geometry.layout.site_dims)[inverse]
+        scales, norms = (_read(f, "scales", unique), _read(f, "norms", unique)) if self._integer else (None, None)
+        packed = _dequantize(parts, scales, norms, self.geometry.layout.site_dims)[inverse]
         out = np.empty_like(packed)
         out[order] = packed
         return out

@@ -22,12 +22,14 @@ roots and divisions (~5 us for 14x14); across lanes and for the top few vectors 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 
 LANES = 64  # images side by side; measured best of 16/32/64/128 for encode and decode on 28x28
 _LAPACK_MIN = 128  # up to here the lane solver beats per-matrix LAPACK (3.6-12x, benchmarks/eig_sizes.py)
-_JIT = {"nogil": True, "error_model": "numpy", "cache": True}
+_JIT: dict[str, Any] = {"nogil": True, "error_model": "numpy", "cache": True}
 
 
 @numba.njit(**_JIT)

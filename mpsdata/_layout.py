@@ -338,7 +338,8 @@ def _balanced_sites(factors: list[int], n_sites: int) -> tuple[int, ...]:
         bins[lightest] *= f
     bins.sort()
     # Mountain order: alternate the smallest sites to the two ends, the largest in the middle.
-    left, right = [], []
+    left: list[int] = []
+    right: list[int] = []
     for i, b in enumerate(bins):
         (left if i % 2 == 0 else right).append(b)
     return tuple(left + right[::-1])
@@ -351,6 +352,7 @@ def _site_order_image(layout: Layout) -> np.ndarray:
     if layout.rows is None:
         # Row-major: pixels in row order, the channel (if a site) varying fastest.
         return index.reshape(c, ph * pw).T.reshape(-1)
+    assert layout.cols is not None  # hierarchical: both digit tuples
     n = len(layout.rows)
     digits = index.reshape(c, *layout.rows, *layout.cols)
     # Axes: 0 = channel, 1..n = row digits, n+1..2n = column digits; interleave coarse to fine.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -454,7 +455,7 @@ def decompose(
     result._core_dtype, result._quantized = core_dtype, quantized
     result.domain, result.colour, result.search = domain, colour, found
     if split:
-        result.luma_share = float(luma_share)
+        result.luma_share = float(DEFAULT_LUMA_SHARE if luma_share is None else luma_share)
         result.chroma_bond_dims = None if tuple(chroma_bonds) == tuple(bonds) else tuple(chroma_bonds)
     rounded = core_dtype is not None and core_dtype != str(compute).removeprefix("torch.")
     padded = layout.padded_height * layout.padded_width != height * width
@@ -481,9 +482,9 @@ def _encode(flat, layout: Layout, bonds, use_tol: float, terms: int, compute, co
     return cores, packed.ranks.cpu(), packed.eps2.cpu(), tails, quantized, tuple(bonds)
 
 
-def _split_budget(ratio, bytes_ratio, share: float) -> dict[str, float | None]:
+def _split_budget(ratio, bytes_ratio, share: float) -> dict[str, Any]:
     """Budget keywords of :func:`_solve_bonds` for one plane taking ``share`` of a three-plane budget."""
-    plane: dict[str, float | None] = {"ratio": None, "bytes_ratio": None, "bond_dims": None, "max_bond": None,
+    plane: dict[str, Any] = {"ratio": None, "bytes_ratio": None, "bond_dims": None, "max_bond": None,
                                       "tol": None}  # fmt: skip
     if bytes_ratio is not None:
         plane["bytes_ratio"] = 3 * share * float(bytes_ratio)
@@ -498,7 +499,7 @@ def _merge_planes(luma: torch.Tensor, parts, site_dims, plane_bonds):
 
     (luma_bonds, chroma_bonds), target = plane_bonds, tuple(max(a, b) for a, b in zip(*plane_bonds, strict=True))
     rows = luma.shape[0]
-    merged = []
+    merged: list[torch.Tensor | None] = []
     for k in range(4):  # cores, ranks, eps2, tails
         pieces = [p[k] for p in parts]
         if pieces[0] is None:
@@ -851,6 +852,7 @@ def search(
     if bytes_ratio is not None:
         scheme, budget = core_dtype or "int8", float(bytes_ratio)
     else:  # float32 bytes are 4 per parameter: this budget gives exactly the bonds of the ratio
+        assert ratio is not None  # the callers pass one of the two
         scheme, budget = "float32", 4 * float(ratio)
     if sample.ndim == 4 and sample.shape[1] == 3:
         colours = ["rgb-site"] if channel_mode == "site" else [c for c in COLOURS if colour in (None, c)]
@@ -874,7 +876,7 @@ def _auto_search(x: torch.Tensor, image_dims: int, ratio, bytes_ratio, core_dtyp
     sample = x.reshape(-1, *x.shape[x.ndim - dims :])[:AUTO_SAMPLE]
     if sample.shape[0] == 0:
         return None
-    mode = "site" if image_dims == 3 else "separate"
+    mode: ChannelMode = "site" if image_dims == 3 else "separate"
     return search(sample, ratio=ratio, bytes_ratio=bytes_ratio, core_dtype=core_dtype, residual=terms - 1,
                   channel_mode=mode, domain=domain, colour=colour, luma_share=share)  # fmt: skip
 

@@ -41,6 +41,7 @@ import torch
 
 from . import _budget, _engine
 from ._signal import psnr
+from ._typing import ChannelMode
 
 __all__ = [
     "SCHEMES",
@@ -530,9 +531,9 @@ def _refit_chunk(target, site_dims, bond_dims, terms, scheme, sweeps) -> tuple[t
                 (_engine._contract_torch(all_deq[u]) for u in range(terms) if u != t), torch.zeros_like(target)
             )
             _als_sweep(target - others, all_codes[t], all_scales[t], all_deq[t], site_dims, bond_dims, scheme)
-    codes = torch.stack([torch.cat([c.reshape(b, -1) for c in term], -1) for term in all_codes], 1)
-    scales = torch.stack([torch.stack(term, -1) for term in all_scales], 1)
-    return (_pack_int4(codes) if scheme == "int4" else codes), scales
+    packed = torch.stack([torch.cat([c.reshape(b, -1) for c in term], -1) for term in all_codes], 1)
+    term_scales = torch.stack([torch.stack(term, -1) for term in all_scales], 1)
+    return (_pack_int4(packed) if scheme == "int4" else packed), term_scales
 
 
 def quantize_mps(m, scheme: str = "int8", *, x: torch.Tensor | np.ndarray | None = None, sweeps: int = 0):
@@ -638,7 +639,7 @@ def apply_layout(
     c = x.shape[1]
     if c == 1:
         colour = "rgb"
-    mode = "site" if colour == "rgb-site" else "separate"
+    mode: ChannelMode = "site" if colour == "rgb-site" else "separate"
     m = decompose(
         x if c == 3 or mode == "site" else x[:, 0], bytes_ratio=bytes_ratio, core_dtype=scheme, site_dims=site_dims,
         channel_mode=mode, colour="ycc" if colour == "ycc" else "rgb", domain=domain,
@@ -724,7 +725,7 @@ def search_layout(
     seen: set = set()
     for spec in specs:
         for colour, share in colour_options:
-            mode = "site" if colour == "rgb-site" else "separate"
+            mode: ChannelMode = "site" if colour == "rgb-site" else "separate"
             try:
                 layout = make_layout(h, w, c if mode == "site" else 1, spec, mode)
             except (TypeError, ValueError):

@@ -85,7 +85,7 @@ def colour_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------
 # rANS with static tables (numba)
-_JIT = {"nogil": True, "cache": True}
+_JIT: dict[str, Any] = {"nogil": True, "cache": True}
 _RANS_L = 1 << 23
 
 
@@ -480,8 +480,11 @@ class SharedCodec:
         The basis and mean are stored as float16 (what :attr:`shared_nbytes` counts); the codec in memory
         already uses the float16-rounded values, so a reloaded codec decodes identically.
         """
-        arrays = {"mean": self.mean.astype(np.float16), "group_classes": self.group_classes.astype(np.uint8),
-                  "freq": self.freq.astype(np.uint16)}  # fmt: skip
+        arrays: dict[str, np.ndarray] = {
+            "mean": self.mean.astype(np.float16),
+            "group_classes": self.group_classes.astype(np.uint8),
+            "freq": self.freq.astype(np.uint16),
+        }
         if self.basis is not None:
             arrays["basis"] = self.basis.astype(np.float16)
         settings = {"shape": list(self.shape), "colour": self.colour, "transform": self.transform,
@@ -675,8 +678,8 @@ def _build(
     k_all = block * block
     if transform == "pca":
         # keep the leading components up to the last one that is non-zero in at least `min_nonzero` images
-        q = torch.round(coeffs.reshape(n, c, -1, k_all) / step)
-        nonzero = (q != 0).to(torch.float64).mean((0, 2)).amax(0).cpu().numpy()  # (K,) over channels
+        levels = torch.round(coeffs.reshape(n, c, -1, k_all) / step)
+        nonzero = (levels != 0).to(torch.float64).mean((0, 2)).amax(0).cpu().numpy()  # (K,) over channels
         alive = np.flatnonzero(nonzero >= min_nonzero)
         keep = int(alive[-1]) + 1 if alive.size else 1
         basis = basis[:, :keep]
@@ -839,6 +842,7 @@ def fit_shared(
         if not step > 0:
             raise ValueError(f"step must be positive, got {step}")
         return make(float(step))[0]
+    assert bytes_ratio is not None  # exactly one of the two, checked above
     if not 0 < bytes_ratio < math.inf:
         raise ValueError(f"bytes_ratio must be positive and finite, got {bytes_ratio}")
     budget = bytes_ratio * c * h * w
@@ -913,7 +917,7 @@ def search_shared(
     perm = torch.randperm(n, generator=g).to(x.device)
     half = min(n // 2, max_images)
     fit_x, test_x = x[perm[:half]], x[perm[n // 2 : n // 2 + half]]
-    results = []
+    results: list[dict[str, Any]] = []
     for transform in transforms:
         for block in blocks:
             if transform == "pca" and block * block > 4096:

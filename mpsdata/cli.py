@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._archive import COMPRESSIONS, CORE_DTYPES, DEFAULT_COMPRESSION
+from ._typing import ChannelMode
 from ._version import __version__
 
 _DATASETS = {
@@ -305,7 +306,7 @@ def _show(args: argparse.Namespace) -> int:
     channels, height, width = stored.shape[1:]
     layout = make_layout(height, width, channels, None, "site") if shared else cores.geometry.layout
     site_dims = layout.spatial_sites
-    mode = "site" if layout.channel_site else "separate"
+    mode: ChannelMode = "site" if layout.channel_site else "separate"
     import torch
 
     def entropy(images: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ class MPSCIFAR10(TrainTestDataset):
         classes, class_to_idx: As torchvision's.
     """
 
-    _torchvision_cls: type = torchvision.datasets.CIFAR10
+    _torchvision_cls: type[torchvision.datasets.CIFAR10] = torchvision.datasets.CIFAR10
     image_mode = "RGB"
     image_shape = (3, 32, 32)
 

@@ -39,7 +39,7 @@ class MPSMNIST(TrainTestDataset):
         classes, class_to_idx: As torchvision's.
     """
 
-    _torchvision_cls: type = torchvision.datasets.MNIST
+    _torchvision_cls: type[torchvision.datasets.MNIST] = torchvision.datasets.MNIST
     image_mode = "L"
     image_shape = (1, 28, 28)
 
