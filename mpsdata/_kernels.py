@@ -280,8 +280,8 @@ def _bisect_top(T, n, first, cap, work, out):
     bisection, descending, in ``out[first:cap]`` (``out[first - 1]`` must hold the one above).
 
     Each step halves every interval with one Sturm count (the signs of the ``L D L^T`` pivots of
-    ``T - x I``): ``n`` dependent divisions. All ``cap`` eigenvalues of all lanes step together, so that
-    ``cap * L`` independent chains hide the division latency; for a few top eigenvalues in float32 this is
+    ``T - x I``): ``n`` dependent divisions. The asked eigenvalues of all lanes step together, so that
+    their independent chains hide the division latency; for a few top eigenvalues in float32 this is
     cheaper than QL for all of them. Starts from the Gershgorin interval cut to ``[0, trace]`` (these are
     Gram matrices) and takes ``24 + log2(n)`` steps, to below ``eps`` times the top eigenvalue. Needs
     ``_couplings_squared``; uses ``T[5n:10n]`` and ``work[:3]``.
@@ -636,13 +636,13 @@ def _eigh_top_lanes(G, n, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, 
     z = T[7 * n : 8 * n]
     unscale = work[12]
     _trace(T, n, unscale, total)
-    if use_tol and eps > 1e-10:
+    if eps > 1e-10:
         # Float32 bisection finds each value on its own: under a tolerance, 8 more at a time until every lane
-        # has the ones it needs (of 28 for 28x28 images, ~16 per block of 64 at tol=0.1).
+        # has the ones it needs (of 28 for 28x28 images, ~16 per block of 64 at tol=0.1); else all at once.
         _couplings_squared(T, n)
         done = 0
         while True:
-            upto = min(cap, done + 8)
+            upto = min(cap, done + 8) if use_tol else cap
             _bisect_top(T, n, done, upto, work, sv)
             done = upto
             if _needed(cap, done, use_tol, delta2, sv, unscale, total, want):
@@ -650,7 +650,7 @@ def _eigh_top_lanes(G, n, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, 
         for a in range(done, cap):
             for lane in range(L):
                 sv[a, lane] = 0.0
-    else:
+    else:  # float64: QL gives all the values at once
         _top_values(T, n, cap, work, act, sv)
         _needed(cap, cap, use_tol, delta2, sv, unscale, total, want)
     count = 0
