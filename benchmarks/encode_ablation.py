@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from mpsdata import _engine
 from mpsdata._layout import make_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_ab import module_from_source
 from speed import DEFAULT_FASHION, load_fashion, load_patches
 
 SOURCE = Path(__file__).resolve().parents[1] / "mpsdata" / "_kernels.py"
@@ -56,15 +56,7 @@ def variants(workdir: Path) -> dict:
                 raise RuntimeError(f"the kernel source changed: cannot cut {stage!r} at {old.strip()!r}")
             source = source.replace(old, new)
         modules[f"- {stage}"] = source
-    loaded = {}
-    for index, (name, text) in enumerate(modules.items()):
-        path = workdir / f"kernels_cut{index}.py"
-        path.write_text(text)
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        loaded[name] = module
-    return loaded
+    return {name: module_from_source(text, f"cut{i}", workdir) for i, (name, text) in enumerate(modules.items())}
 
 
 def main(argv: list[str] | None = None) -> int:

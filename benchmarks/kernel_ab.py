@@ -46,7 +46,11 @@ def load_kernels(rev: str, workdir: Path) -> ModuleType:
         source = subprocess.run(
             ["git", "show", f"{rev}:mpsdata/_kernels.py"], cwd=ROOT, check=True, capture_output=True, text=True
         ).stdout
-    name = "kernels_" + "".join(c if c.isalnum() else "_" for c in rev)
+    return module_from_source(source, "kernels_" + "".join(c if c.isalnum() else "_" for c in rev), workdir)
+
+
+def module_from_source(source: str, name: str, workdir: Path) -> ModuleType:
+    """Kernel source text loaded as module ``name`` (written to ``workdir``, where numba caches it)."""
     path = workdir / f"{name}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(name, path)
@@ -55,22 +59,16 @@ def load_kernels(rev: str, workdir: Path) -> ModuleType:
     return module
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", help="baseline revision (or WORKTREE)")
-    parser.add_argument("b", help="candidate revision (or WORKTREE)")
-    parser.add_argument("--images", type=int, default=4096, help="Fashion-MNIST images (and at most that many patches)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    fashion = load_fashion(DEFAULT_FASHION, args.images).reshape(args.images, -1)
+def encode_cases(count: int) -> list[tuple[str, torch.Tensor, object, tuple[int, ...], float]]:
+    """``(name, images (B, N), layout, bonds, tol)``: Fashion-MNIST on three layouts and 32x32 patches at fixed
+    bonds, and both under ``tol=0.1`` with the largest bonds as caps; ``count`` images (and at most as many
+    patch channels)."""
+    fashion = load_fashion(DEFAULT_FASHION, count).reshape(count, -1)
     patches, _ = load_patches(None)
-    patches = patches[: args.images].reshape(-1, 32 * 32)  # one MPS per channel
+    patches = patches[:count].reshape(-1, 32 * 32)  # one MPS per channel
     fashion_layout = make_layout(28, 28, site_dims=[2, 4, 7, 7, 2])
     patch_layout = make_layout(32, 32, site_dims=[4, 4, 4, 4, 4])
-    cases = [  # name, images, layout, bonds, tol
+    return [
         ("Fashion-MNIST [2,4,7,7,2] bonds [2,6,5,2]", fashion, fashion_layout, (2, 6, 5, 2), 0.0),
         ("Fashion-MNIST default [28,28] bond 5 (ratio 0.4)", fashion, make_layout(28, 28), (5,), 0.0),
         (
@@ -84,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         ("Fashion-MNIST default [28,28] tol 0.1 (caps 28)", fashion, make_layout(28, 28), (28,), 0.1),
         ("32x32 channels [4,4,4,4,4] tol 0.1 (caps [4,16,16,4])", patches, patch_layout, (4, 16, 16, 4), 0.1),
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", help="baseline revision (or WORKTREE)")
+    parser.add_argument("b", help="candidate revision (or WORKTREE)")
+    parser.add_argument("--images", type=int, default=4096, help="Fashion-MNIST images (and at most that many patches)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cases = encode_cases(args.images)
     original = _engine._kernels
     with tempfile.TemporaryDirectory() as tmp:
         versions = {args.a: load_kernels(args.a, Path(tmp)), args.b: load_kernels(args.b, Path(tmp))}

@@ -504,7 +504,8 @@ def _twisted_vector(T, n, lam, pivmin, pick, work, z):
         for lane in range(L):
             z[i, lane] = 1.0 if i == pick[lane] else 0.0
     # Entries decay away from the twist, geometrically where couplings are small, and left alone they
-    # become subnormal numbers, whose arithmetic costs ~100x on Intel (28x28 encodes ran 1.8x slower).
+    # become subnormal numbers, whose arithmetic costs ~100x on Intel (28x28 encodes ran 1.8x slower than with
+    # flush-to-zero on: benchmarks/flush_denormal.py).
     # Below the smallest normal number they are cut to zero. Not at a larger threshold: a tiny entry
     # next to a pivot clamped at pivmin grows back by up to 1 / pivmin (an eigenvector with a zero
     # inside), and tiny / pivmin is still far below rounding of z_r = 1.
