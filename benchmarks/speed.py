@@ -336,21 +336,11 @@ def _eig_loop(grams, cap, vectors, reps):
     (``_top_values``, as the Definition-1 tails)."""
     M, n, _ = grams.shape
     L = _kernels.LANES
-    k = cap
     G = np.zeros((n, n, L), grams.dtype)
-    Z = np.zeros((n, n, L), grams.dtype)
-    T = np.zeros((11 * n, L), grams.dtype)
-    Y = np.zeros((k, n, L), grams.dtype)
-    work = np.zeros((16, L), grams.dtype)
-    act = np.zeros(L, np.bool_)
-    fail = np.zeros(L, np.bool_)
-    pick = np.zeros(L, np.int64)
-    want = np.zeros(L, np.int64)
+    scratch = _kernels._eig_scratch(G, cap)
+    Z, T, _, work, act = scratch[:5]
+    sv = scratch[9]
     delta2 = np.zeros(L, grams.dtype)
-    Vs = np.zeros((n, k, L), grams.dtype)
-    sv = np.zeros((k, L), grams.dtype)
-    total = np.zeros(L, np.float64)
-    rq = np.zeros((k, L), np.float64)
     acc = 0.0
     for _ in range(reps):
         for b0 in range(0, M, L):
@@ -359,9 +349,7 @@ def _eig_loop(grams, cap, vectors, reps):
                     for lane in range(L):
                         G[p, q, lane] = grams[min(b0 + lane, M - 1), p, q]
             if vectors:
-                _kernels._eigh_top_lanes(
-                    G, n, cap, False, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq
-                )
+                _kernels._eigh_top_lanes(G, n, cap, False, delta2, scratch)
             else:
                 _kernels._tridiagonal_lanes(G, n, Z, T, work)
                 _kernels._top_values(T, n, cap, work, act, sv)

@@ -261,9 +261,11 @@ def _encode_torch(x, gather, primary, site_dims, bonds, tol, terms, dtype, want_
     weight = torch.from_numpy(primary).to(device=x.device, dtype=dtype)
     residual = x.to(dtype).index_select(1, index)
     n_bonds = len(bonds)
+    # Every term is held to the image's norm, not to its residual's.
+    delta2 = tol * tol * (residual.square() * weight).sum(1) / max(n_bonds, 1)
     packed, ranks, eps2, tails = [], [], [], []
     for term in range(terms):
-        term_cores, term_ranks, term_eps2 = _ttsvd_torch(residual, site_dims, bonds, tol, weight)
+        term_cores, term_ranks, term_eps2 = _ttsvd_torch(residual, site_dims, bonds, tol, delta2)
         packed.append(torch.cat([c.flatten(1) for c in term_cores], 1))
         ranks.append(term_ranks)
         eps2.append(term_eps2)
@@ -289,12 +291,11 @@ def _unfolding_tails_torch(a: torch.Tensor, site_dims, ranks: torch.Tensor) -> t
     return torch.stack(tails, 1)
 
 
-def _ttsvd_torch(a: torch.Tensor, site_dims, bonds, tol, weight: torch.Tensor):
-    """TT-SVD of every row of ``a``; ``weight`` (1 or 0 per value) marks the values that count in ``||x||``."""
+def _ttsvd_torch(a: torch.Tensor, site_dims, bonds, tol, delta2: torch.Tensor):
+    """TT-SVD of every row of ``a``; with ``tol > 0`` each bond of row ``i`` discards at most ``delta2[i]``."""
     B = a.shape[0]
     n_bonds = len(bonds)
     eps = torch.finfo(a.dtype).eps
-    delta2 = tol * tol * (a.square() * weight).sum(1) / max(n_bonds, 1)
     cores, ranks, eps2 = [], [], []
     cur = a
     left, rest = 1, a.shape[1]

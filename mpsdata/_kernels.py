@@ -607,7 +607,33 @@ def _needed(cap, done, use_tol, delta2, values, unscale, total, want):
 
 
 @numba.njit(**_JIT)
-def _eigh_top_lanes(G, n, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq):
+def _eig_scratch(G, cap):
+    """Zeroed scratch and outputs of ``_eigh_top_lanes`` and ``_unfolding_tail`` for Gram buffers like ``G``
+    ``(n, n, L)`` and up to ``cap`` pairs, as one tuple: ``Z`` ``(n, n, L)`` (reflectors), ``T`` ``(11 n, L)``
+    (tridiagonal and twisted-solve rows), ``Y`` ``(cap, n, L)``, ``work`` ``(16, L)``, ``act``/``fail``
+    ``(L,)`` booleans, ``pick``/``want`` ``(L,)`` integers, then the outputs ``Vs`` ``(n, cap, L)`` (vectors),
+    ``sv`` ``(cap, L)`` (values), ``total`` ``(L,)`` (traces) and ``rq`` ``(cap, L)`` (Rayleigh quotients),
+    the last two in float64 because a truncation error is a small difference of them."""
+    n, _, L = G.shape
+    dtype = G.dtype
+    return (
+        np.zeros((n, n, L), dtype),
+        np.zeros((11 * n, L), dtype),
+        np.zeros((cap, n, L), dtype),
+        np.zeros((16, L), dtype),
+        np.zeros(L, np.bool_),
+        np.zeros(L, np.bool_),
+        np.zeros(L, np.int64),
+        np.zeros(L, np.int64),
+        np.zeros((n, cap, L), dtype),
+        np.zeros((cap, L), dtype),
+        np.zeros(L, np.float64),
+        np.zeros((cap, L), np.float64),
+    )
+
+
+@numba.njit(**_JIT)
+def _eigh_top_lanes(G, n, cap, use_tol, delta2, scratch):
     """Top ``cap`` eigenpairs of the leading ``n x n`` block of every lane of ``G`` (symmetric, PSD).
 
     Writes the eigenvalues in descending order to ``sv[:cap, l]`` (clamped at zero), their eigenvectors
@@ -622,10 +648,9 @@ def _eigh_top_lanes(G, n, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, 
     applied to the kept vectors only, ``O(n^2 cap)`` instead of the ``O(n^3)`` of accumulated rotations.
     A vector that comes out dependent on the earlier ones (a cluster of nearly equal eigenvalues) is
     redone by LAPACK for its lane, unless its eigenvalue is at rounding level: then any completion of the
-    kept vectors is as good. Scratch: ``Z`` ``(n, n, L)``, ``T`` ``(11 n, L)``, ``Y`` ``(cap, n, L)``,
-    ``work`` ``(16, L)``, ``act``/``fail`` ``(L,)`` booleans, ``pick`` ``(L,)`` integers; every entry
-    read is written first.
+    kept vectors is as good. ``scratch`` comes from ``_eig_scratch``; every entry read is written first.
     """
+    Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq = scratch
     L = G.shape[2]
     eps = np.finfo(G.dtype).eps
     if n > _LAPACK_MIN:
@@ -733,10 +758,7 @@ def _gram_lanes(C, rows, cols, G):
 
 
 @numba.njit(**_JIT)
-def _ttsvd_block(
-    X, sites, caps, offs, use_tol, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq,
-    ranks, eps2,
-):  # fmt: skip
+def _ttsvd_block(X, sites, caps, offs, use_tol, delta2, core, C, C2, G, scratch, ranks, eps2):
     """TT-SVD of one block of images ``X[N, L]``, cores written to ``core[P, L]`` with bonds ``caps``.
 
     A bond that keeps every row of its unfolding (``cap == m <= ncol``, no ``tol``) needs no SVD: any
@@ -745,6 +767,7 @@ def _ttsvd_block(
     N, L = X.shape
     n_sites = sites.shape[0]
     eps = np.finfo(X.dtype).eps
+    want, Vs, sv, total, rq = scratch[7:]
     for i in range(N):
         for lane in range(L):
             C[i, lane] = X[i, lane]
@@ -768,7 +791,7 @@ def _ttsvd_block(
             continue
         _gram_lanes(C, m, ncol, G)
         if m <= ncol:
-            _eigh_top_lanes(G, m, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq)
+            _eigh_top_lanes(G, m, cap, use_tol, delta2, scratch)
             _choose_rank(m, cap, use_tol, delta2, want, total, rq, Vs, sv, ranks[k], eps2[k])
             for p in range(m):
                 for a in range(cap):
@@ -783,7 +806,7 @@ def _ttsvd_block(
                         for lane in range(L):
                             C2[a * ncol + t, lane] += Vs[p, a, lane] * C[p * ncol + t, lane]
         else:
-            _eigh_top_lanes(G, ncol, cap, use_tol, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq)
+            _eigh_top_lanes(G, ncol, cap, use_tol, delta2, scratch)
             _choose_rank(ncol, cap, use_tol, delta2, want, total, rq, Vs, sv, ranks[k], eps2[k])
             # sv holds squared singular values. U = C V / sigma and the remainder sigma V^T multiply back to
             # C V V^T whatever sigma's accuracy, so only values below rounding level (which could overflow
@@ -870,12 +893,14 @@ def _gram_size(sites: np.ndarray, caps: np.ndarray, own_tail: np.ndarray) -> int
 
 
 @numba.njit(**_JIT)
-def _unfolding_tail(X, left, rank, G, Z, T, work, act, total, out):
+def _unfolding_tail(X, left, rank, G, scratch, out):
     """Discarded weight of the best rank-``rank[l]`` approximation of the ``left x rest`` unfolding of X.
 
     This is ``eps_k^2`` of paper Definition 1 (squared, summed as in Oseledets 2011), for the bound of
     Theorem 1: the trace of the Gram matrix minus its top ``rank`` eigenvalues (no eigenvectors).
     """
+    Z, T, _, work, act = scratch[:5]
+    total = scratch[10]
     N, L = X.shape
     right = N // left
     n = min(left, right)
@@ -923,18 +948,7 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
     C = np.zeros((N, L), dtype)
     C2 = np.zeros((N, L), dtype)
     G = np.zeros((gram, gram, L), dtype)
-    Z = np.zeros((gram, gram, L), dtype)
-    T = np.zeros((11 * gram, L), dtype)
-    Y = np.zeros((cap_max, gram, L), dtype)
-    work = np.zeros((16, L), dtype)
-    act = np.zeros(L, np.bool_)
-    fail = np.zeros(L, np.bool_)
-    pick = np.zeros(L, np.int64)
-    want = np.zeros(L, np.int64)
-    Vs = np.zeros((gram, cap_max, L), dtype)
-    sv = np.zeros((cap_max, L), dtype)
-    total = np.zeros(L, np.float64)  # sums whose difference is a small truncation error
-    rq = np.zeros((cap_max, L), np.float64)
+    scratch = _eig_scratch(G, cap_max)
     core = np.zeros((offs[-1], L), dtype)
     delta2 = np.zeros(L, dtype)
     block_ranks = np.zeros((n_bonds, L), np.int64)
@@ -949,22 +963,19 @@ def _encode_chunk(x, gather, primary, sites, caps, offs, gram, own_tail, tol, te
             for lane in range(nb, L):
                 X[i, lane] = 0.0
         for term in range(terms):
-            if tol > 0:
+            if tol > 0 and term == 0:  # every term is held to the image's norm, not to its residual's
                 for lane in range(L):
                     norm2 = 0.0
                     for i in range(N):
                         if primary[i]:  # padded copies do not count: tol is relative to the image
                             norm2 += X[i, lane] * X[i, lane]
                     delta2[lane] = tol * tol * norm2 / max(n_bonds, 1)
-            _ttsvd_block(
-                X, sites, caps, offs, tol > 0, delta2, core, C, C2, G, Z, T, Y, work, act, fail, pick, want, Vs,
-                sv, total, rq, block_ranks, block_eps2,
-            )  # fmt: skip
+            _ttsvd_block(X, sites, caps, offs, tol > 0, delta2, core, C, C2, G, scratch, block_ranks, block_eps2)
             left = 1
             for k in range(n_bonds):
                 left *= sites[k]
                 if own_tail[k]:
-                    _unfolding_tail(X, left, block_ranks[k], G, Z, T, work, act, total, block_tails[k])
+                    _unfolding_tail(X, left, block_ranks[k], G, scratch, block_tails[k])
                 else:  # every earlier bond kept full rank: the sweep saw the original unfolding
                     for lane in range(L):
                         block_tails[k, lane] = block_eps2[k, lane]

@@ -192,6 +192,11 @@ def make_layout(
         if site_dims == "row":
             ph, pw = _smooth_at_least(height), _smooth_at_least(width)
             sites = _balanced_sites(_prime_factors(ph * pw), _DEFAULT_ROW_SITES)
+            if len(sites + channel_site) < 2:
+                raise ValueError(
+                    f"a {height}x{width} image is too small for an MPS: its pixels give the site dims {list(sites)}, "
+                    "and an MPS needs at least 2 sites of size 2 or more"
+                )
             _check_sites(sites + channel_site)
             return Layout(height, width, site_channels, sites + channel_site, None, None, ph, pw, site_mode)
         if site_dims == "hierarchical":

@@ -126,7 +126,9 @@ class MPS:
     def ratio(self) -> torch.Tensor:
         """The paper's compression ratio per image, all terms counted, ``(*batch_shape,)`` float64.
 
-        Parameters kept over values of the original image: ``sum_k d_{k-1} j_k d_k / (H W [C])``.
+        Parameters kept over values of the original image: ``sum_k d_{k-1} j_k d_k / (H W [C])``. With
+        ``colour="ycc"`` and separate channels each plane has its own figure: the luma plane's can exceed the
+        requested ratio, their mean over the three planes does not.
         """
         ranks = self._ranks.to(torch.float64)
         ones = torch.ones_like(ranks[..., :1])
@@ -237,9 +239,12 @@ class MPS:
     def entanglement_entropy(self) -> torch.Tensor:
         """Entanglement entropy of every bond of the stored (truncated) state, ``(*batch_shape, n - 1)``.
 
-        Never above ``ln(terms * d_k)`` for bond ``k``.
+        Never above ``ln(terms * d_k)`` for bond ``k``. Measured on the whole site grid, padding included: the
+        padded values are part of the state (cropping them and padding again would not be).
         """
-        return _entropy(self.layout.to_sites(self._decode(quantize=False)), self.site_dims)
+        grid = np.arange(math.prod(self.site_dims))
+        sites = _engine.decode(self._packed, grid, self.site_dims, self.bond_dims)
+        return _entropy(sites.reshape(*self.batch_shape, grid.shape[0]), self.site_dims)
 
     def to(self, device: torch.device | str) -> MPS:
         """Copy to another device."""
@@ -323,15 +328,19 @@ def decompose(
         x: Images ``(..., H, W)``, or ``(..., C, H, W)`` with ``channel_mode="site"``; uint8 or float, any
             leading batch dims. With ``channel_mode="separate"`` a channel dim is simply a batch dim.
         ratio: The paper's compression ratio ``rho`` in ``(0, 1]``: parameters kept over values of the
-            image, all terms counted. Solved into bond dimensions that never exceed it.
+            image, all terms counted. Solved into bond dimensions that never exceed it (with ``colour="ycc"``
+            and separate channels, per image: the luma plane takes more than the chroma planes).
         bytes_ratio: A byte budget instead: stored bytes (:attr:`MPS.nbytes`, cores at ``core_dtype``, default
             ``"int8"``) over the raw uint8 bytes of the image, all terms counted; solved into the largest
             bonds that never exceed it (see docs/bytes.md for what each budget reaches).
         bond_dims: Explicit bond dimensions ``d_1 ... d_{n-1}`` (clipped to what the sites can carry).
         max_bond: Cap every bond at this value.
-        tol: Relative tolerance: each image keeps the smallest bonds whose truncation errors satisfy
-            ``eps_k <= tol / sqrt(n - 1) * ||image||``, so the total error is at most ``tol * ||image||``.
-            Combines with ``bond_dims`` or ``max_bond`` as caps.
+        tol: Relative tolerance: at every bond of the sweep each image keeps the smallest rank whose discarded
+            weight is at most ``(tol / sqrt(n - 1) * ||image||) ** 2`` (Oseledets 2011), so the total error is
+            at most ``tol * ||image||``. Residual terms are held to the same image norm, so they stay small
+            once the first term meets it. Combines with ``bond_dims`` or ``max_bond`` as caps.
+            (:attr:`MPS.truncation_errors` reports Definition 1 on the original unfoldings, which can exceed
+            the per-bond share: the sweep truncates projected matrices.)
         residual: Number of residual MPS terms added after the first.
         site_dims: Site layout: ``None`` (the measured default for the image size), ``"row"``,
             ``"hierarchical"``, explicit row-major sizes (``[2, 4, 7, 7, 2]``), or hierarchical
@@ -399,7 +408,8 @@ def decompose(
     if x.ndim < image_dims:
         expected = "(..., C, H, W)" if channel_mode == "site" else "(..., H, W)"
         raise ValueError(f"x must have shape {expected} with channel_mode={channel_mode!r}, got {tuple(x.shape)}")
-    if not _all_finite(x):
+    largest = _largest_magnitude(x)
+    if not math.isfinite(largest):
         raise ValueError(f"x (shape {tuple(x.shape)}) contains NaN or infinite values; clean or clamp them first")
     compute = _compute_dtype(x, dtype)
     terms = check_budget(ratio, bond_dims, max_bond, tol, residual, bytes_ratio)
@@ -413,6 +423,8 @@ def decompose(
         raise ValueError(f"colour='ycc' takes 3-channel images (..., 3, H, W), got shape {tuple(x.shape)}")
 
     channels = x.shape[-3] if channel_mode == "site" else 1
+    if channels < 1:
+        raise ValueError(f"x has no channels (shape {tuple(x.shape)}); channel_mode='site' needs C >= 1")
     height, width = x.shape[-2], x.shape[-1]
     found = None
     if auto:
@@ -420,6 +432,7 @@ def decompose(
         site_dims, domain, colour, luma_share = _from_candidate(found, channel_mode)
     domain, colour = domain or "pixels", colour or "rgb"
     layout = make_layout(height, width, channels, site_dims, channel_mode)
+    _check_scale(largest, compute, math.prod(layout.site_dims))
     split = colour == "ycc" and channel_mode == "separate" and (ratio is not None or bytes_ratio is not None)
     if split:
         luma_share = DEFAULT_LUMA_SHARE if luma_share is None else luma_share
@@ -636,10 +649,14 @@ def entanglement_entropy(
     image_dims = 3 if channel_mode == "site" else 2
     if x.ndim < image_dims:
         raise ValueError(f"x must have at least {image_dims} dims, got shape {tuple(x.shape)}")
-    if not _all_finite(x):
+    largest = _largest_magnitude(x)
+    if not math.isfinite(largest):
         raise ValueError(f"x (shape {tuple(x.shape)}) contains NaN or infinite values")
     channels = x.shape[-3] if channel_mode == "site" else 1
+    if channels < 1:
+        raise ValueError(f"x has no channels (shape {tuple(x.shape)}); channel_mode='site' needs C >= 1")
     layout = make_layout(x.shape[-2], x.shape[-1], channels, site_dims, channel_mode)
+    _check_scale(largest, torch.float64, math.prod(layout.site_dims))
     sites = layout.to_sites(x.to(torch.float64))
     return _entropy(sites, layout.site_dims)
 
@@ -663,8 +680,9 @@ def _entropy(sites: torch.Tensor, site_dims: Sequence[int]) -> torch.Tensor:
 
 
 def _as_tensor(x) -> torch.Tensor:
+    """``x`` as a tensor (numpy arrays are wrapped, or copied when read-only), detached from autograd."""
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else np.array(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"x must be a torch.Tensor or numpy array of images, got {type(x).__name__}; "
@@ -672,17 +690,41 @@ def _as_tensor(x) -> torch.Tensor:
         )
     if not (x.dtype == torch.uint8 or x.is_floating_point()):
         raise TypeError(f"images must be uint8 or floating point, got {x.dtype}")
-    return x
+    return x.detach()
 
 
 def _all_finite(x: torch.Tensor) -> bool:
-    """Whether every value of ``x`` is finite. NaN and infinities reach the minimum or the maximum, so one
-    ``aminmax`` pass answers it, 18-26x faster than ``isfinite(x).all()`` with its boolean temporary (0.5
-    against 9.0-12.9 ms for 10,000 float32 28x28 images, docs/benchmarks.md)."""
-    if not x.is_floating_point() or x.numel() == 0:
-        return True
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    """Whether every value of ``x`` is finite."""
+    return math.isfinite(_largest_magnitude(x))
+
+
+def _largest_magnitude(x: torch.Tensor) -> float:
+    """The largest ``|value|`` of ``x`` (NaN or inf if it holds any). NaN and infinities reach the minimum or
+    the maximum, so one ``aminmax`` pass answers it, 18-26x faster than ``isfinite(x).all()`` with its boolean
+    temporary (0.5 against 9.0-12.9 ms for 10,000 float32 28x28 images, docs/benchmarks.md)."""
+    if x.numel() == 0:
+        return 0.0
+    low, high = (float(v) for v in torch.aminmax(x))
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+
+def _check_scale(largest: float, compute: torch.dtype, values: int) -> None:
+    """Refuse magnitudes whose squares over- or underflow ``compute``: the TT-SVD works on Gram matrices,
+    whose entries reach ``values * largest**2``, and its truncation errors go down to ``eps * largest``."""
+    info = torch.finfo(compute)
+    ceiling = math.sqrt(info.max / (4 * values))
+    floor = math.sqrt(info.tiny) / info.eps
+    wider = ", or pass dtype=torch.float64" if compute == torch.float32 else ""
+    if largest > ceiling:
+        raise ValueError(
+            f"x holds values up to {largest:.3g}: in {compute} math the Gram matrices of {values} values overflow "
+            f"above {ceiling:.3g}; scale the images down (e.g. x / x.abs().max()){wider}"
+        )
+    if 0 < largest < floor:
+        raise ValueError(
+            f"x's largest value is {largest:.3g}: in {compute} math squares below {floor:.3g} lose the truncation "
+            f"errors to underflow; scale the images up (e.g. x / x.abs().max()){wider}"
+        )
 
 
 def _compute_dtype(x: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:

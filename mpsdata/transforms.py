@@ -19,16 +19,19 @@ __all__ = ["MPSCompress"]
 
 # PIL modes whose bands are 8-bit intensities; palette ("P") or bilevel ("1") values are not.
 _PIL_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
+# One band of wider numbers: 32-bit floats, 32-bit and 16-bit integers (rounded and clamped back to their type).
+_PIL_WIDE_MODES = ("F", "I", "I;16")
 
 
 class MPSCompress(Transform):
     """Replace an image by its MPS approximation at a budget (decompose, then reconstruct).
 
     Works in torchvision v1 (``transforms.Compose``) and v2 pipelines. Accepts a PIL image (returns a PIL
-    image of the same mode and size), a tensor ``[..., C, H, W]`` (returns the same shape, dtype and
-    device: uint8 stays uint8 in ``0..255``; float images in ``[0, 1]`` stay in ``[0, 1]``), or a
-    ``tv_tensors.Image``/``Video`` (returns the same type). In a v2 sample, bounding boxes, masks and
-    labels pass through untouched. The input is never modified.
+    image of the same mode and size; 8-bit modes, and the one-band ``F``, ``I`` and ``I;16`` whose integers
+    are rounded and clamped back to their type; convert palette and bilevel images first), a tensor
+    ``[..., C, H, W]`` (returns the same shape, dtype and device: uint8 stays uint8 in ``0..255``; float
+    images in ``[0, 1]`` stay in ``[0, 1]``), or a ``tv_tensors.Image``/``Video`` (returns the same type).
+    In a v2 sample, bounding boxes, masks and labels pass through untouched. The input is never modified.
 
     Args:
         ratio: The paper's compression ratio ``rho`` in ``(0, 1]``.
@@ -142,16 +145,28 @@ class MPSCompress(Transform):
         return out.to(x.dtype)
 
     def _pil(self, img: PIL.Image.Image) -> PIL.Image.Image:
+        if img.mode in _PIL_WIDE_MODES:
+            return self._pil_wide(img)
         if img.mode not in _PIL_MODES:
             raise TypeError(
-                f"MPSCompress takes PIL images with 8-bit bands {_PIL_MODES}, got mode {img.mode!r}; "
-                "convert first, e.g. img.convert('RGB')"
+                f"MPSCompress takes PIL images with 8-bit bands {_PIL_MODES} or one band {_PIL_WIDE_MODES}, got "
+                f"mode {img.mode!r}; convert first, e.g. img.convert('RGB')"
             )
         array = np.asarray(img)
         hwc = array[:, :, None] if array.ndim == 2 else array
         chw = torch.from_numpy(hwc.transpose(2, 0, 1).copy())  # PIL's buffer is read-only
         out = np.ascontiguousarray(self._tensor(chw).numpy().transpose(1, 2, 0))
         return PIL.Image.frombytes(img.mode, img.size, out.tobytes())
+
+    def _pil_wide(self, img: PIL.Image.Image) -> PIL.Image.Image:
+        array = np.asarray(img)
+        # float64 holds every int32 exactly, float32 every uint16; the tensor path decides the math dtype.
+        values = torch.from_numpy(array.astype(np.float64 if img.mode == "I" else np.float32))
+        out = self._tensor(values[None])[0].numpy()
+        if img.mode != "F":
+            limits = np.iinfo(array.dtype)
+            out = np.clip(np.floor(out + 0.5), limits.min, limits.max)
+        return PIL.Image.fromarray(np.ascontiguousarray(out.astype(array.dtype.newbyteorder("="))))
 
     def extra_repr(self) -> str:
         defaults = {"residual": 0, "channel_mode": "site"}

@@ -8,6 +8,7 @@ compared through reconstructions, never through cores.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -294,6 +295,7 @@ def test_entropy_matches_the_singular_values(site_dims) -> None:
     "budget", [{"ratio": 0.3}, {"ratio": 0.6, "residual": 1}, {"ratio": 0.8, "residual": 2}, {"tol": 0.2}]
 )
 def test_stored_entropy_is_at_most_ln_of_the_bond(fashion_images, budget) -> None:
+    """On the whole site grid: the stored state, padding included, has at most ``terms * d_k`` Schmidt values."""
     x = fashion_images[:64]
     for site_dims in ("row", "hierarchical"):
         m = mpsdata.decompose(x, site_dims=site_dims, **budget)
@@ -304,6 +306,19 @@ def test_stored_entropy_is_at_most_ln_of_the_bond(fashion_images, budget) -> Non
         # Sharper: the rank of a sum of terms is at most the sum of their ranks.
         assert bool((e <= torch.log(m.ranks.sum(-2).to(torch.float64)) + 1e-6).all())
         assert bool((e >= -1e-9).all())
+
+
+@pytest.mark.parametrize(("height", "width", "kwargs"), [(29, 31, {"max_bond": 1}), (1, 17, {"ratio": 1.0})])
+def test_stored_entropy_of_a_padded_layout_is_that_of_the_state(height, width, kwargs) -> None:
+    """Padded layouts: the entropy is of the MPS on its whole grid. Cropping to the image and padding again by
+    copying edge pixels made a different state, with entropy above ln(bond) (up to 0.185 on a rank-1 bond)."""
+    x = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    m = mpsdata.decompose(x, site_dims="row", **kwargs)
+    assert math.prod(m.site_dims) > height * width  # padded
+    bonds = torch.tensor(m.bond_dims, dtype=torch.float64)
+    e = m.entanglement_entropy()
+    assert bool((e <= torch.log(bonds) + 1e-9).all()), (e, m.bond_dims)
+    assert bool((e[..., bonds == 1].abs() < 1e-9).all())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -725,6 +740,12 @@ X = torch.rand(2, 28, 28)
         (PIL.Image.new("L", (28, 28)), {"ratio": 0.4}, TypeError, "got Image.*MPSCompress"),
         ([[0.0, 1.0], [1.0, 0.0]], {"ratio": 0.4}, TypeError, "got list"),
         (torch.rand(1, 5), {"max_bond": 2}, ValueError, "2 sites"),
+        (torch.rand(3, 1, 1), {"ratio": 0.5}, ValueError, "1x1 image is too small for an MPS"),
+        (torch.rand(0, 28, 28), {"ratio": 0.4, "channel_mode": "site"}, ValueError, "no channels.*C >= 1"),
+        (X * 1e18, {"ratio": 0.4}, ValueError, r"(?s)up to [\d.]+e\+1[78]: .*float32.*scale the images down.*float64"),
+        (X.double() * 1e153, {"ratio": 0.4}, ValueError, r"(?s)float64.*overflow.*scale the images down"),
+        (X * 1e-25, {"tol": 0.1}, ValueError, r"(?s)largest value is [\d.]+e-2[56]: .*underflow.*scale the images up"),
+        (X.double() * 1e-140, {"ratio": 0.4}, ValueError, r"(?s)float64.*underflow"),
     ],
 )
 def test_bad_input(x, kwargs, error, match) -> None:
@@ -740,6 +761,61 @@ def test_error_messages_do_not_print_tensor_contents() -> None:
     assert "0.1234" not in str(info.value) and "(2, 28, 28)" in str(info.value)
 
 
+@pytest.mark.parametrize(("dtype", "scales"), [(torch.float32, (1e-11, 1e16)), (torch.float64, (1e-130, 1e150))])
+def test_extreme_scales_inside_the_range_scale_the_result(dtype, scales) -> None:
+    """Where the scale check lets images through, the MPS scales with them: same ranks, same relative error,
+    and Theorem 1 holds (beyond it squares over- or underflow, and decompose says so: test_bad_input)."""
+    x = torch.rand(4, 28, 28, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    base = mpsdata.decompose(x, tol=0.1)
+    for scale in scales:
+        m = mpsdata.decompose(x * scale, tol=0.1)
+        assert torch.equal(m.ranks, base.ranks), scale
+        relative = m.error / (x * scale).flatten(1).norm(dim=1)
+        assert torch.allclose(relative, base.error / x.flatten(1).norm(dim=1), rtol=1e-3), scale
+        assert bool((m.error <= m.error_bound * 1.001).all()), scale
+
+
+def test_zero_image_passes_the_scale_check() -> None:
+    m = mpsdata.decompose(torch.zeros(2, 28, 28), ratio=0.4)
+    assert float(m.reconstruct().abs().max()) == 0.0 and float(m.error_bound.max()) == 0.0
+
+
+def test_autograd_and_read_only_inputs() -> None:
+    """A tensor that requires grad is read as data (nothing to differentiate through an SVD truncation), and a
+    read-only numpy array is copied rather than shared (torch warns on non-writable memory)."""
+    x = torch.rand(2, 28, 28, requires_grad=True)
+    m = mpsdata.decompose(x, ratio=0.4)
+    assert torch.equal(m.reconstruct(), mpsdata.decompose(x.detach(), ratio=0.4).reconstruct())
+    assert not m.reconstruct().requires_grad
+    assert mpsdata.entanglement_entropy(x).shape == (2, 1)
+    array = x.detach().numpy().copy()
+    array.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(mpsdata.decompose(array, ratio=0.4).reconstruct(), m.reconstruct())
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_residual_terms_under_tol_are_held_to_the_image_norm(backend) -> None:
+    """tol is relative to the image for every term: once the first term meets it, later terms stay at the
+    smallest ranks (each used to be held to its own, smaller residual and grew to full bonds)."""
+    grid = torch.linspace(0, 1, 28, dtype=torch.float64)
+    smooth = torch.sin(6 * grid[:, None]) * torch.cos(4 * grid[None])
+    x = smooth + 0.05 * torch.randn(3, 28, 28, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    layout = make_layout(28, 28, site_dims="row")
+    bonds = tighten([28] * (len(layout.site_dims) - 1), layout.site_dims)
+    flat = x.reshape(3, -1)
+    one = _engine.encode(flat, layout.gather_index, layout.site_dims, bonds, tol=0.2, backend=backend)
+    three = _engine.encode(flat, layout.gather_index, layout.site_dims, bonds, tol=0.2, terms=3, backend=backend)
+    assert torch.equal(three.ranks[:, 0], one.ranks[:, 0])
+    norm2 = flat.square().sum(1)
+    assert bool((three.eps2[:, 0].sum(-1) <= 0.2**2 * norm2).all())  # the first term already meets tol
+    assert bool((three.ranks[:, 1:] == 1).all())  # so the residual terms keep rank 1
+    assert bool((three.eps2[:, 1:] <= 0.2**2 * norm2[:, None, None] / len(bonds) * (1 + 1e-9)).all())
+    m = mpsdata.decompose(x, tol=0.2, residual=2, site_dims="row")
+    assert bool((m.ratio < 0.2).all())  # it was 2.8: full-rank residual terms
+
+
 def test_entanglement_entropy_bad_input() -> None:
     with pytest.raises(ValueError, match="NaN or infinite"):
         mpsdata.entanglement_entropy(torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), [2, 2])
@@ -747,6 +823,10 @@ def test_entanglement_entropy_bad_input() -> None:
         mpsdata.entanglement_entropy(torch.rand(4), [2, 2])
     with pytest.raises(TypeError, match="uint8 or floating point"):
         mpsdata.entanglement_entropy(torch.ones(4, 4, dtype=torch.int32), [4, 4])
+    with pytest.raises(ValueError, match="overflow"):
+        mpsdata.entanglement_entropy(torch.rand(4, 4, dtype=torch.float64) * 1e160, [4, 4])
+    with pytest.raises(ValueError, match="no channels"):
+        mpsdata.entanglement_entropy(torch.rand(2, 0, 4, 4), [4, 4], channel_mode="site")
 
 
 # ---------------------------------------------------------------------------------------------------

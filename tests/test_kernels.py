@@ -18,19 +18,14 @@ def _solve_top(mats: np.ndarray, cap: int, fill: float = 0.0) -> tuple[np.ndarra
     dtype = mats.dtype
     G = np.ascontiguousarray(mats.transpose(1, 2, 0))
     before = G.copy()
-    Z = np.full((n, n, lanes), fill, dtype)
-    T = np.full((11 * n, lanes), fill, dtype)
-    Y = np.full((cap, n, lanes), fill, dtype)
-    work = np.full((16, lanes), fill, dtype)
-    act, fail = np.full(lanes, bool(fill)), np.full(lanes, bool(fill))
-    pick = np.full(lanes, -1 if fill else 0, np.int64)
-    Vs = np.full((n, cap, lanes), fill, dtype)
-    sv = np.full((cap, lanes), fill, dtype)
-    total = np.full(lanes, fill, np.float64)
-    rq = np.full((cap, lanes), fill, np.float64)
-    want = np.full(lanes, -1 if fill else 0, np.int64)
+    scratch = _kernels._eig_scratch(G, cap)
+    junk = {"f": fill, "i": -1 if fill else 0, "b": bool(fill)}  # what a NaN fill means for each kind
+    for array in scratch:
+        array.fill(junk[array.dtype.kind])
+    fail = scratch[5]
+    want, Vs, sv, total, rq = scratch[7:]
     delta2 = np.full(lanes, fill, dtype)
-    _kernels._eigh_top_lanes(G, n, cap, False, delta2, Z, T, Y, work, act, fail, pick, want, Vs, sv, total, rq)
+    _kernels._eigh_top_lanes(G, n, cap, False, delta2, scratch)
     assert np.all(want == cap)
     assert np.array_equal(G, before)  # the input is not changed
     vecs = Vs.transpose(2, 0, 1).astype(np.float64)

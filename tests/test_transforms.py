@@ -157,7 +157,30 @@ def test_pil_in_pil_out(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(F.pil_to_tensor(out), expected)
 
 
-@pytest.mark.parametrize("mode", ["P", "1", "I", "F"])
+@pytest.mark.parametrize(("mode", "scale"), [("F", 1.0), ("F", 1 / 255), ("I", 70000.0), ("I;16", 250.0)])
+def test_pil_wide_modes(mode: str, scale: float) -> None:
+    """One-band float and wide-integer images come back in their mode, as the float tensor path computes them
+    (integers rounded half up and clamped to their type)."""
+    ramp = np.add.outer(np.arange(20), np.arange(24)) / 42  # rank 2: an MPS at ratio 0.4 holds it
+    values = (ramp + 0.05 * np.random.default_rng(0).random((20, 24))) / 1.05 * 255 * scale
+    dtype = {"F": np.float32, "I": np.int32, "I;16": np.uint16}[mode]
+    img = PIL.Image.fromarray(values.astype(dtype))
+    assert img.mode == mode
+    out = check_transform(MPSCompress(ratio=0.4), img)
+    assert out.size == (24, 20)
+    x = torch.from_numpy(np.asarray(img).astype(np.float64 if mode == "I" else np.float32))
+    expected = MPSCompress(ratio=0.4)(x[None])[0].numpy()
+    got = np.asarray(out)
+    if mode == "F":
+        assert np.array_equal(got, expected)
+        assert (got.min() >= 0 and got.max() <= 1) == (scale < 1)  # a [0, 1] image stays in [0, 1]
+    else:
+        info = np.iinfo(dtype)
+        assert np.array_equal(got, np.clip(np.floor(expected + 0.5), info.min, info.max).astype(dtype))
+        assert np.abs(got.astype(np.float64) - values).mean() < 0.05 * values.mean()  # an approximation, not junk
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "I;16B"])
 def test_unsupported_pil_mode(mode: str) -> None:
     img = PIL.Image.new("RGB", (8, 8), (10, 20, 30)).convert(mode)
     with pytest.raises(TypeError, match=f"mode '{mode}'"):
