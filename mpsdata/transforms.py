@@ -27,8 +27,9 @@ class MPSCompress(Transform):
     """Replace an image by its MPS approximation at a budget (decompose, then reconstruct).
 
     Works in torchvision v1 (``transforms.Compose``) and v2 pipelines. Accepts a PIL image (returns a PIL
-    image of the same mode and size; 8-bit modes, and the one-band ``F``, ``I`` and ``I;16`` whose integers
-    are rounded and clamped back to their type; convert palette and bilevel images first), a tensor
+    image of the same mode and size; 8-bit modes, where a constant alpha band is kept as it is, and the
+    one-band ``F``, ``I`` and ``I;16`` whose integers are rounded and clamped back to their type; convert
+    palette and bilevel images first), a tensor
     ``[..., C, H, W]`` (returns the same shape, dtype and device: uint8 stays uint8 in ``0..255``; float
     images in ``[0, 1]`` stay in ``[0, 1]``), or a ``tv_tensors.Image``/``Video`` (returns the same type).
     In a v2 sample, bounding boxes, masks and labels pass through untouched. The input is never modified.
@@ -154,9 +155,15 @@ class MPSCompress(Transform):
             )
         array = np.asarray(img)
         hwc = array[:, :, None] if array.ndim == 2 else array
-        chw = torch.from_numpy(hwc.transpose(2, 0, 1).copy())  # PIL's buffer is read-only
-        out = np.ascontiguousarray(self._tensor(chw).numpy().transpose(1, 2, 0))
-        return PIL.Image.frombytes(img.mode, img.size, out.tobytes())
+        # A constant alpha band (an opaque image) holds nothing to compress: compressed with the colour in one
+        # MPS it would come back uneven (down to 240 on opaque noise), so it is kept as it is.
+        alpha = img.mode in ("LA", "RGBA") and bool((hwc[:, :, -1] == hwc[0, 0, -1]).all())
+        bands = hwc[:, :, :-1] if alpha else hwc
+        chw = torch.from_numpy(bands.transpose(2, 0, 1).copy())  # PIL's buffer is read-only
+        out = self._tensor(chw).numpy().transpose(1, 2, 0)
+        if alpha:
+            out = np.concatenate([out, hwc[:, :, -1:]], axis=2)
+        return PIL.Image.frombytes(img.mode, img.size, np.ascontiguousarray(out).tobytes())
 
     def _pil_wide(self, img: PIL.Image.Image) -> PIL.Image.Image:
         array = np.asarray(img)

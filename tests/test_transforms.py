@@ -157,6 +157,20 @@ def test_pil_in_pil_out(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(F.pil_to_tensor(out), expected)
 
 
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_constant_alpha_is_kept(mode: str) -> None:
+    """An opaque image keeps its alpha exactly; its colour is compressed as the colour bands alone would be.
+    (Compressed with the colour in one MPS, opaque noise came back with alpha down to 240.)"""
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)
+    array[:, :, 3] = 255
+    img = PIL.Image.fromarray(array, "RGBA").convert(mode)
+    out = check_transform(MPSCompress(ratio=0.4), img)
+    got = F.pil_to_tensor(out)
+    assert bool((got[-1] == 255).all())
+    assert torch.equal(got[:-1], MPSCompress(ratio=0.4)(F.pil_to_tensor(img)[:-1]))
+
+
 @pytest.mark.parametrize(("mode", "scale"), [("F", 1.0), ("F", 1 / 255), ("I", 70000.0), ("I;16", 250.0)])
 def test_pil_wide_modes(mode: str, scale: float) -> None:
     """One-band float and wide-integer images come back in their mode, as the float tensor path computes them
