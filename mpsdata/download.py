@@ -154,7 +154,8 @@ def _validate_entry(entry: Any, *, allow_file_urls: bool = True, where: str = "m
     if not isinstance(urls, list) or len(urls) > MAX_URLS:
         raise MPSDataError(f"{where}: urls must be a list of at most {MAX_URLS} URLs, got {_short(urls)}")
     urls = [_check_url(url, allow_file_urls, where) for url in urls]
-    return {**entry, "sha256": sha.lower(), "settings_key": key, "urls": urls}
+    # Settings as JSON holds them: a hand-written entry's tuples compare equal to a manifest's lists.
+    return {**entry, "sha256": sha.lower(), "settings": _canonical(settings), "settings_key": key, "urls": urls}
 
 
 def local_name(entry: dict[str, Any]) -> str:
@@ -237,6 +238,15 @@ def load_manifest(
         >>> all(len(e["sha256"]) == 64 for e in entries)
         True
     """
+    try:
+        return _load_manifest(path_or_url, timeout)
+    except (OSError, http.client.HTTPException) as error:  # unreachable, missing, a folder, an HTTP error
+        where = "shipped with mpsdata" if path_or_url is None else _short(os.fspath(path_or_url))
+        raise MPSDataError(f"manifest {where} could not be read: {_describe(error)}") from None
+
+
+def _load_manifest(path_or_url: str | os.PathLike | None, timeout: float) -> list[dict[str, Any]]:
+    """:func:`load_manifest` with the I/O errors as they are (a mirror without a manifest is skipped on them)."""
     if path_or_url is None:
         data = resources.files("mpsdata").joinpath(MANIFEST_NAME).read_bytes()
         return _parse_manifest(data, "shipped with mpsdata", allow_file_urls=False)
@@ -299,7 +309,7 @@ def list_published(
     for base in _mirrors(mirrors):
         url = f"{base}/{MANIFEST_NAME}"
         try:
-            found.extend(load_manifest(url, timeout=timeout))
+            found.extend(_load_manifest(url, timeout))
         except FileNotFoundError:
             continue
         except urllib.error.HTTPError as error:
@@ -430,12 +440,22 @@ class _Download:
         if self._have() > self.size:
             self._discard()
         for url in self.urls:
-            if not self._from(url):
-                continue
-            digest = self._final_digest()
-            if digest != self.sha:
-                self._discard()
-                self.tried.append(f"{url}: sha256 {digest[:16]}... differs from the manifest's {self.sha[:16]}...")
+            # Bytes already in the partial file came from an earlier run or another mirror: if the whole fails
+            # its checksum they may be the bad part, so this URL gets one more try from the first byte.
+            stale, verified = self._have() > 0, False
+            while not verified and self._from(url):
+                digest = self._final_digest()
+                verified = digest == self.sha
+                if not verified:
+                    self._discard()
+                    again = "; the partial file held earlier bytes: restarting from the first byte" if stale else ""
+                    self.tried.append(
+                        f"{url}: sha256 {digest[:16]}... differs from the manifest's {self.sha[:16]}...{again}"
+                    )
+                    if not stale:
+                        break
+                    stale = False
+            if not verified:
                 continue
             try:
                 _check_core(self.part, self.entry["settings"])

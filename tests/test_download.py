@@ -26,6 +26,7 @@ from mpsdata.download import (
     find_published,
     list_published,
     load_manifest,
+    local_name,
     pack,
     register_commands,
 )
@@ -247,6 +248,20 @@ def test_corrupted_bytes_keep_nothing(server, entry, tmp_path):
     _only_file(tmp_path, path.name)
 
 
+@pytest.mark.parametrize("kept", ["whole", "half"])
+def test_a_bad_partial_file_from_an_earlier_run_is_fetched_again(server, core, entry, tmp_path, kept):
+    """A leftover partial file whose bytes are wrong (a killed run, a disk fault) fails the checksum once, then
+    the same mirror is asked again from the first byte instead of being blamed."""
+    size = len(core[2]) if kept == "whole" else len(core[2]) // 2
+    part = tmp_path / f".{local_name(entry)}.{entry['sha256'][:16]}.part"
+    part.write_bytes(b"\0" * size)
+    path = fetch(entry, tmp_path, mirrors=[server.url("good")], **FAST)
+    assert path.read_bytes() == core[2]
+    ranges = [r for _, r in server.hits("good")]
+    assert ranges == ([None] if kept == "whole" else [f"bytes={size}-", None])
+    _only_file(tmp_path, path.name)
+
+
 def test_cut_connection_resumes_with_range(server, core, entry, tmp_path):
     path = fetch(entry, tmp_path, mirrors=[server.url("cut")], **FAST)
     assert path.read_bytes() == core[2]
@@ -395,6 +410,15 @@ def test_hostile_manifests(server, core, entry, tmp_path):
     server.files["manifest.json"] = json.dumps(good).encode()  # valid, but followed by 40 MB of garbage
     with pytest.raises(MPSDataError, match="more than a manifest"):
         load_manifest(f"{server.url('endless')}/manifest.json")
+    # Unreadable manifests are MPSDataError too (the command line prints it without a traceback).
+    with pytest.raises(MPSDataError, match="could not be read.*404"):
+        load_manifest(f"{server.url('missing')}/manifest.json")
+    with pytest.raises(MPSDataError, match="could not be read.*refused"):
+        load_manifest(_dead_url() + "/manifest.json")
+    with pytest.raises(MPSDataError, match="could not be read.*IsADirectoryError"):
+        load_manifest(tmp_path)
+    with pytest.raises(MPSDataError, match="could not be read.*FileNotFoundError"):
+        load_manifest(tmp_path / "nothing.json")
 
 
 def _publish(server: _Server, data: bytes, settings: dict, name: str) -> dict:
@@ -535,6 +559,12 @@ def test_a_mirror_without_manifest_is_a_plain_mirror(server, core, entry, monkey
     monkeypatch.delenv(MIRROR_ENV, raising=False)
     assert list_published(mirrors=[server.url("good")]) == load_manifest()  # 404 for its manifest: no warning
     assert find_published(core[1], manifest=[entry]) == {**entry, "settings_key": settings_key(core[1])}
+
+
+def test_a_hand_written_entry_with_tuples_is_found(core, entry):
+    settings = {**entry["settings"], "extra": (1, 8, 8)}
+    hand = {**entry, "settings": settings, "settings_key": settings_key(settings)}
+    assert find_published(settings, manifest=[hand]) is not None
 
 
 def test_entries_of_every_readable_format_version_are_found(core, entry, monkeypatch):
