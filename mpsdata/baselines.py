@@ -579,6 +579,8 @@ def _images(x) -> torch.Tensor:
             f"x must be a batch of images (N, H, W) or (N, C, H, W) with H, W >= 1, got shape {tuple(x.shape)}; "
             "add a batch dim to a single image with x[None]"
         )
+    if x.ndim == 4 and x.shape[1] < 1:
+        raise ValueError(f"x has no channels (shape {tuple(x.shape)}); images need C >= 1")
     if not _all_finite(x):
         raise ValueError(f"x (shape {tuple(x.shape)}) contains NaN or infinite values; clean or clamp them first")
     return x if x.ndim == 4 else x[:, None]
@@ -707,9 +709,15 @@ def _small_size(h: int, w: int, ratio: float) -> tuple[int, int]:
         raise ValueError(f"ratio {ratio} keeps no pixel of a {h}x{w} image: it needs ratio >= {1 / (h * w):.3g}")
     scale = math.sqrt(budget / (h * w))
     best = (1, 1)
-    for hs in {max(1, min(h, math.floor(h * scale))), max(1, min(h, math.ceil(h * scale)))}:
-        ws = max(1, min(w, budget // hs))
-        if hs * ws <= budget and hs * ws > best[0] * best[1]:
+    # A side near the aspect ratio (at most the budget: the other side is at least 1), the other side as large as
+    # the budget lets it; from the height, then from the width, which a narrow image needs (16x1 at 0.5: 8x1).
+    for hs in {max(1, min(h, budget, math.floor(h * scale))), max(1, min(h, budget, math.ceil(h * scale)))}:
+        ws = min(w, budget // hs)
+        if hs * ws > best[0] * best[1]:
+            best = (hs, ws)
+    for ws in {max(1, min(w, budget, math.floor(w * scale))), max(1, min(w, budget, math.ceil(w * scale)))}:
+        hs = min(h, budget // ws)
+        if hs * ws > best[0] * best[1]:
             best = (hs, ws)
     return best
 

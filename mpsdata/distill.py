@@ -96,7 +96,8 @@ class ResidualBias(nn.Module):
         rank: Rank ``r`` of the low-rank form, ``1 <= r <= min(H, W)``; not allowed with ``"dense"``.
         dtype: Storage precision: ``"float16"``, ``"float32"`` or ``"int8"`` (per-sample scales).
         sparse: Sparse gradients (only the batch rows, for ``SparseAdam`` or ``SGD``); ``False`` gives
-            dense gradients, zero outside the batch rows, for any optimiser.
+            dense gradients, zero outside the batch rows, for any optimiser (a dense optimiser's momentum then
+            moves rows between their visits; :func:`fit`'s ``"adam"`` moves only the batch's rows either way).
         seed: Seeds the random initial ``V`` of the low-rank form.
         device: Where the parameters live.
 
@@ -453,6 +454,8 @@ def teacher_logits(
     """
     from tqdm.auto import tqdm
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     device = _device_of(teacher, device)
     was_training = teacher.training
     teacher.eval()
@@ -498,6 +501,13 @@ class _Compressed:
             self.tensor = torch.as_tensor(source)
             if self.tensor.dim() == 3:
                 self.tensor = self.tensor[:, None]
+            if self.tensor.is_floating_point() and self.tensor.numel():
+                low, high = (float(v) for v in torch.aminmax(self.tensor))
+                if not (low >= 0 and high <= 1):  # NaN fails both
+                    raise ValueError(
+                        f"float compressed images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+                        "divide 0..255 images by 255, or pass uint8"
+                    )
             self.num_samples = len(self.tensor)
             first = self.tensor[:1]
         else:
@@ -526,7 +536,15 @@ def _resolve_teacher_outputs(
     path = None
     if isinstance(teacher_outputs, (str, os.PathLike)):
         path = Path(teacher_outputs)
-        teacher_outputs = torch.load(path, weights_only=True)["logits"] if path.is_file() else None
+        teacher_outputs = None
+        if path.is_file():
+            loaded = torch.load(path, weights_only=True)
+            if not (isinstance(loaded, dict) and "logits" in loaded):
+                raise ValueError(
+                    f"{path} is not a teacher-outputs file written by fit (a dict with 'logits'); pass the tensor "
+                    "itself as teacher_outputs, or a new path for fit to write"
+                )
+            teacher_outputs = loaded["logits"]
     if teacher_outputs is None:
         if originals is None:
             raise ValueError(
@@ -539,12 +557,17 @@ def _resolve_teacher_outputs(
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             torch.save({"logits": teacher_outputs, "num_samples": num_samples}, tmp)
             os.replace(tmp, path)
-    outputs = torch.as_tensor(teacher_outputs)
+    if not isinstance(teacher_outputs, (torch.Tensor, np.ndarray)):
+        where = f" in {path}" if path is not None else ""
+        raise TypeError(f"teacher outputs must be a tensor (N, K){where}, got {type(teacher_outputs).__name__}")
+    outputs = torch.as_tensor(teacher_outputs).detach()  # the fixed network's outputs are constants
     if not outputs.dtype.is_floating_point or outputs.dim() != 2 or outputs.shape[0] != num_samples:
         raise ValueError(
             f"teacher outputs must be floating point (N, K) with N = {num_samples} samples, got "
             f"{outputs.dtype} {tuple(outputs.shape)}" + (f" from {path}" if path is not None else "")
         )
+    if not bool(torch.isfinite(outputs).all()):
+        raise ValueError("teacher outputs contain NaN or infinite values; check the teacher and its inputs")
     return outputs.float()
 
 
@@ -602,7 +625,8 @@ def fit(
             ``[0, 1]`` scale whatever the size of the gradient.
         schedule: ``"cosine"`` (decay from ``lr`` to zero over all steps, so that the last visits refine rather
             than overshoot) or ``"constant"``.
-        optimizer: ``"adam"`` (``SparseAdam`` for a sparse bias), ``"sgd"``, or a callable ``params -> optimizer``.
+        optimizer: ``"adam"`` (``SparseAdam``: each step moves only the batch's rows, of a dense bias too),
+            ``"sgd"``, or a callable ``params -> optimizer``.
         loss: ``"kl"`` (temperature-scaled KL divergence) or ``"mse"`` on logits.
         temperature: Temperature of the KL loss.
         quantize: Train on what the dataset serves: the biased image clamped to ``[0, 1]`` and rounded to the
@@ -625,6 +649,8 @@ def fit(
 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "kl" and not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got epochs={epochs}, batch_size={batch_size}")
     if schedule not in ("cosine", "constant"):
@@ -652,7 +678,10 @@ def fit(
         {"batch_size": max(batch_size, 512), "device": device, "preprocess": preprocess, "progress": progress},
     )
     params = list(bias.parameters())
-    opt = _make_optimizer(optimizer, params, lr, bias.sparse)
+    # Adam's moments would keep moving every row of a dense bias between its visits, against the promise that a
+    # visit moves a sample by a few lr: "adam" updates only the batch's rows, sparse or not.
+    rows_only = not bias.sparse and optimizer == "adam"
+    opt = _make_optimizer(optimizer, params, lr, bias.sparse or rows_only)
     base_lrs = [group["lr"] for group in opt.param_groups]
     steps_per_epoch = math.ceil(num_samples / batch_size)
     settings = {
@@ -667,6 +696,8 @@ def fit(
         "quantize": quantize,
         "num_classes": int(outputs.shape[1]),
     }
+    if rows_only:  # a checkpoint of the dense Adam used before cannot be resumed with this one
+        settings["adam_rows_only"] = True
     start_epoch, log = 0, list[dict[str, Any]]()
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.is_file():
@@ -696,6 +727,11 @@ def fit(
                 value = distill_loss(teacher(x), outputs[idx].to(device), loss, temperature)
                 opt.zero_grad(set_to_none=True)
                 value.backward()
+                if rows_only:
+                    rows = idx.to(device)
+                    for p in params:
+                        grad = p.grad[rows]  # type: ignore[index]
+                        p.grad = torch.sparse_coo_tensor(rows[None], grad, p.shape, check_invariants=False)
                 opt.step()
                 total += float(value.detach()) * len(idx)
                 bar.update(len(idx))

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, features
 
 import mpsdata
@@ -251,6 +253,27 @@ def test_downsample_keeps_the_pixel_budget_and_aspect() -> None:
     assert torch.equal(B.downsample_upsample(ones, 0.3).images, ones)
 
 
+@pytest.mark.parametrize(
+    ("h", "w", "ratio", "pixels"), [(16, 1, 0.5, 8), (30, 2, 0.2, 12), (100, 3, 0.05, 15), (1, 16, 0.5, 8)]
+)
+def test_downsample_of_narrow_images_uses_its_budget(h, w, ratio, pixels) -> None:
+    """A tall, narrow image keeps as many pixels as the budget allows (it kept 1x1: the side near the aspect ratio
+    left no room for the other)."""
+    size = B.downsample_upsample(torch.rand(2, h, w), ratio).settings["size"]
+    assert size[0] * size[1] == pixels and size[0] <= h and size[1] <= w
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.floats(0.001, 1.0))
+def test_downsample_size_never_exceeds_the_budget(h, w, ratio) -> None:
+    budget = math.floor(ratio * h * w + 1e-9)
+    if budget < 1:
+        return
+    hs, ws = B._small_size(h, w, ratio)
+    assert 1 <= hs <= h and 1 <= ws <= w and hs * ws <= budget
+    assert 2 * hs * ws >= budget  # at least half of it (2 of 3 pixels of a 2x2 image is the best there is)
+
+
 # -- codecs -------------------------------------------------------------------------------------------------
 def _encode(name: str, image: np.ndarray, quality: int) -> bytes:
     buffer = io.BytesIO()
@@ -336,6 +359,8 @@ def test_bad_arguments(name: str) -> None:
         method(good[0], 0.5)
     with pytest.raises(ValueError, match="NaN"):
         method(torch.full((1, 16, 16), math.nan), 0.5)
+    with pytest.raises(ValueError, match="no channels"):
+        method(torch.zeros(2, 0, 16, 16), 0.5)
     for ratio in (0, 1.5, math.nan):
         with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]|exactly one budget"):
             method(good, ratio)

@@ -328,6 +328,57 @@ def test_fit_rejects_mismatched_inputs(fashion_copy):
     _, ds = fashion_copy
     with pytest.raises(ValueError, match="originals must be the original images"):
         distill.fit(ds, make_teacher((1, 28, 28)), originals=ds, progress=False)
+    targets = distill.teacher_logits(teacher, originals)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        distill.fit(compressed, teacher, temperature=0.0, epochs=0, teacher_outputs=targets, progress=False)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        distill.fit(compressed, teacher, teacher_outputs=targets.index_fill(0, torch.tensor([3]), float("nan")),
+                    progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*divide 0..255 images by 255"):
+        distill.fit(compressed.float(), teacher, teacher_outputs=targets, progress=False)  # 0..255 floats
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        distill.teacher_logits(teacher, originals, batch_size=0)
+
+
+def test_teacher_outputs_with_a_graph_or_in_a_foreign_file(tmp_path):
+    """Outputs that still carry the teacher's autograd graph are constants to the fit (they crashed its second
+    step), and a file that fit did not write is named as such."""
+    originals, compressed = fake_pair(32)
+    teacher = make_teacher()
+    with_graph = teacher(originals)
+    assert with_graph.requires_grad
+    bias = distill.fit(compressed, teacher, teacher_outputs=with_graph, epochs=1, batch_size=8, progress=False)
+    expected = distill.fit(
+        compressed, teacher, teacher_outputs=with_graph.detach(), epochs=1, batch_size=8, progress=False
+    )
+    assert torch.equal(bias.weight, expected.weight)
+    foreign = tmp_path / "logits.pt"
+    torch.save(with_graph.detach(), foreign)
+    with pytest.raises(ValueError, match="not a teacher-outputs file written by fit"):
+        distill.fit(compressed, teacher, teacher_outputs=foreign, progress=False)
+
+
+@pytest.mark.parametrize(("form", "rank"), [("dense", None), ("lowrank", 2)])
+def test_adam_moves_only_the_batch_rows_of_a_dense_bias(form, rank):
+    """fit's "adam" updates only the batch's rows whether the bias's gradients are sparse or dense: both fits are
+    the same bits. (Dense Adam's momentum moved every visited row on every step.)"""
+    originals, compressed = fake_pair(48)
+    teacher = make_teacher()
+    targets = distill.teacher_logits(teacher, originals)
+    fits = [
+        distill.fit(
+            compressed,
+            teacher,
+            bias=distill.ResidualBias(48, SHAPE, form=form, rank=rank, sparse=sparse),
+            epochs=2,
+            batch_size=16,
+            teacher_outputs=targets,
+            progress=False,
+        )  # fmt: skip
+        for sparse in (True, False)
+    ]
+    for a, b in zip(*(f.parameters() for f in fits)):
+        assert torch.equal(a, b)
 
 
 def test_fit_on_an_mps_dataset_then_save_and_load(fashion_copy, tiny_fashion):
@@ -434,6 +485,10 @@ def test_dataset_budget_includes_the_bias_only_when_served(fashion_copy):
     )
     assert torch.equal(served.decode_batch(index, bias=False), unserved.decode_batch(index))
     assert np.array_equal(np.asarray(served[3][0]), served.decode_batch([3])[0, 0].numpy())
+    # .data is what the dataset serves: with the bias when opened with it
+    assert torch.equal(served.data, served.decode_batch(np.arange(len(ds)))[:, 0])
+    assert torch.equal(unserved.data, unserved.decode_batch(np.arange(len(ds)))[:, 0])
+    assert not torch.equal(served.data, unserved.data)
 
 
 def test_bias_chunks_waste_little_space(fashion_copy, monkeypatch):

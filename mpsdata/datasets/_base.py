@@ -447,10 +447,10 @@ class MPSVisionDataset(VisionDataset):
         return float((10 * torch.log10(255.0**2 / mse)).mean()) if len(mse) else float("nan")
 
     def _decoded(self) -> torch.Tensor:
+        """Every image as the dataset serves it (the stored bias included when opened with ``bias=True``)."""
         if self._data is None:
             blocks = [
-                self._cores.decode(np.arange(start, min(start + 8192, len(self))))
-                for start in range(0, len(self), 8192)
+                self.decode_batch(np.arange(start, min(start + 8192, len(self)))) for start in range(0, len(self), 8192)
             ]
             c, h, w = self.image_shape
             self._data = torch.cat(blocks) if blocks else torch.empty((0, c, h, w), dtype=torch.uint8)
