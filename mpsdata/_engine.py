@@ -184,11 +184,14 @@ def decode(
 
 def _decode_matrix(cores, scatter, site_dims, bonds, quantize) -> torch.Tensor:
     """Two sites are one matrix product per image: batched BLAS beats the lane kernel there (0.63 against
-    1.05 us per 28x28 rank-5 image, core gather included: benchmarks/core_file.py). Same accumulation dtype
-    as the kernel and the same rounding (in float64), so the images equal the kernel's and the single-image
-    kernel's."""
+    1.05 us per 28x28 rank-5 image, core gather included: benchmarks/core_file.py). To uint8 the product is
+    in float64, as in the single-image kernel: BLAS picks its own summation order, and in float32 the two
+    disagreed where a value lies within rounding of a tie (6 pixels of the Fashion-MNIST test split); in float64
+    the float32 cores' products are exact and the sums agree far below that."""
     B, terms, _ = cores.shape
-    if cores.dtype not in (torch.float32, torch.float64):
+    if quantize:
+        cores = cores.to(torch.float64)
+    elif cores.dtype not in (torch.float32, torch.float64):
         cores = cores.float()
     (d0, d1), bond = site_dims, bonds[0]
     left = cores[:, :, : d0 * bond].reshape(B, terms, d0, bond).transpose(1, 2).reshape(B, d0, terms * bond)

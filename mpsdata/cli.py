@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="a PNG of stored images (beside the originals) and bond entropies")
     show.add_argument("file", type=Path)
     show.add_argument("--out", type=Path, required=True, help="PNG to write")
-    show.add_argument("--count", type=int, default=8, help="images to show")
+    show.add_argument("--count", type=_positive_int, default=8, help="images to show")
     show.add_argument("--root", type=Path, help="dataset root holding the raw data, to show the originals too")
     show.set_defaults(handler=_show)
 
@@ -113,8 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.handler(args) or 0)
-    except (MPSDataError, RuntimeError, ValueError, TypeError, FileNotFoundError) as error:
-        message = str(error)
+    except (MPSDataError, RuntimeError, ValueError, TypeError, OSError, KeyError) as error:
+        # OSError: unreadable or unwritable paths (a read-only root, a folder given as a file); KeyError: h5py's
+        # word for some damaged HDF5 metadata.
+        message = str(error) if not isinstance(error, KeyError) else f"damaged HDF5 file ({error.args[0]})"
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+            message = f"{type(error).__name__}: {message}"
         if "download=True" in message:
             message += " (on the command line: --download)"
         print(f"mpsdata {args.command}: error: {message}", file=sys.stderr)
@@ -122,6 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -170,8 +184,8 @@ def open_dataset(name: str, root: Path, split: str, download: bool = False, **op
             raise ValueError(f"--split must be train or test for {name}, got {split!r}")
         return cls(root, train=split == "train", download=download, **options)
     if name == "imagenet":
-        return cls(root, split=split, **options)
-    return cls(root, **options)
+        return cls(root, split=split, download=download, **options)
+    return cls(root, download=download, **options)
 
 
 def _build(args: argparse.Namespace) -> int:

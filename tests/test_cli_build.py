@@ -216,9 +216,37 @@ def test_build_errors(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[
 
 
 def test_build_without_raw_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """KNOWN BUG (reported): the dataset's RuntimeError escapes main() as a traceback instead of status 1."""
+    """The dataset's RuntimeError is a one-line error with status 1, not a traceback."""
     status, _, err = _run(capsys, "build", "mnist", "--root", tmp_path)
     _assert_error(status, err, "build", "download")
+
+
+def test_unwritable_root_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_mnist(tmp_path / "raw")
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the root's folders would go")
+    status, _, err = _run(capsys, "build", "mnist", "--root", blocker, "--raw", tmp_path / "raw")
+    _assert_error(status, err, "build", "Error")  # FileExistsError / NotADirectoryError, named
+
+
+def test_build_download_reaches_imagefolder(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """--download asks for a published file for imagefolder and imagenet too (it was dropped for them)."""
+    from mpsdata.datasets import _base
+
+    asked = []
+    monkeypatch.setattr(_base, "fetch_published", lambda settings, *args: asked.append(settings) or False)
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=1)
+    status, _, _ = _run(capsys, "build", "imagefolder", "--root", root, "--image-size", "8", "--download")
+    assert status == 0 and len(asked) == 1 and asked[0]["dataset"] == "MPSImageFolder"
+
+
+def test_show_count_must_be_positive(built, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for count in ("0", "-5", "x"):
+        with pytest.raises(SystemExit) as info:
+            main(["show", str(built[2]), "--out", str(tmp_path / "g.png"), "--count", count])
+        assert info.value.code == 2
+        assert "--count" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture) -> None:

@@ -433,6 +433,39 @@ def test_image_folder_matches_torchvision(tmp_path: Path) -> None:
     np.testing.assert_array_equal(images, ds.decode_batch(range(len(ds))).permute(0, 2, 3, 1).numpy())
 
 
+def test_image_folder_of_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MPSImageFolder(".")`` keeps its files beside the tree ("." has no name: they went into "./-mps", a class)."""
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=1)
+    monkeypatch.chdir(root)
+    ds = mpsdata.MPSImageFolder(".", image_size=8, build_workers=0)
+    assert ds.archive.parent == tmp_path / "pets-mps"
+    assert torchvision.datasets.ImageFolder(".").classes == ds.classes
+
+
+def test_targets_is_a_plain_attribute_as_in_torchvision(fashion_fake, tmp_path: Path, no_md5: None) -> None:
+    """Relabelling through ``targets`` (assigning it, or changing an entry) reaches the items, as in torchvision;
+    an index that is not an integer (a slice) is refused instead of answering for its first image."""
+    root, _ = fashion_fake
+    mnist = mpsdata.MPSFashionMNIST(root)
+    mnist.targets[0] = 9
+    assert mnist[0][1] == 9
+    mnist.targets = torch.zeros(len(mnist), dtype=torch.int64)
+    assert {mnist[i][1] for i in range(len(mnist))} == {0}
+    write_cifar(tmp_path)
+    cifar = mpsdata.MPSCIFAR10(tmp_path)
+    first = cifar.targets[0]
+    cifar.targets[0] = (first + 1) % 10
+    assert cifar[0][1] == (first + 1) % 10
+    assert mpsdata.MPSCIFAR10(tmp_path)[0][1] == first  # a new dataset reads the stored labels
+    for index in (slice(0, 3), 1.0, "1"):
+        with pytest.raises(TypeError):
+            mnist[index]
+    with pytest.raises(IndexError, match="out of range"):
+        mnist[len(mnist)]
+    assert mnist[np.int64(-1)][0].size == (28, 28) and mnist[torch.tensor(2)][1] == 0
+
+
 def test_image_folder_build_workers_give_identical_file(tmp_path: Path) -> None:
     root = tmp_path / "pets"
     write_image_folder(root)
@@ -507,8 +540,14 @@ def test_real_fashion_psnr_matches_decompose(real_fashion) -> None:
     assert (per_image - 10 * torch.log10(255.0**2 / ds._cores.mse.double().clamp_min(1e-10))).abs().max() < 0.15
 
 
-def test_real_fashion_items_equal_decode_batch(real_fashion) -> None:
+@pytest.mark.parametrize("core_dtype", [None, "float32", "int8"])
+def test_real_fashion_items_equal_decode_batch(real_fashion, core_dtype) -> None:
+    """Same bytes per item and per batch. On the two-site default layout both contract in float64: in float32 the
+    batch's BLAS product and the item loop summed in different orders and split ties (10 pixels with float32
+    cores, 6 with int8)."""
     ds, _ = real_fashion
+    if core_dtype is not None:
+        ds = mpsdata.MPSFashionMNIST(ds.root, train=False, core_dtype=core_dtype)
     images, _ = _items(ds)
     np.testing.assert_array_equal(images, ds.decode_batch(np.arange(len(ds)))[:, 0].numpy())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -168,7 +169,8 @@ class MPSVisionDataset(VisionDataset):
             else:
                 self._build_shared(path, download, settings)
         self._cores = open_core_file(path, expected_settings=settings)
-        self._target_list = [int(t) for t in self._cores.targets.tolist()]
+        # A plain attribute, as torchvision's: users relabel or subset through it, and items read it.
+        self.targets = self._targets_from(self._cores.targets)
         self.classes = list(self._cores.meta["classes"])
         self._data: Any = None
         self._bias = None
@@ -359,13 +361,20 @@ class MPSVisionDataset(VisionDataset):
     def __len__(self) -> int:
         return self._cores.num_samples
 
+    def _targets_from(self, stored: torch.Tensor) -> Any:
+        """The ``targets`` attribute in torchvision's type for this dataset (a list of ints unless overridden)."""
+        return [int(t) for t in stored.tolist()]
+
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         """Returns ``(image, target)``: a PIL image of the original mode and size, and the class index."""
+        index = operator.index(index)  # a slice or a float is refused, as torchvision's datasets do
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} images")
         array = self._cores.decode_one(index)
         if self._bias is not None:
             array = self._bias.apply_uint8_item(array, index)
         image = PIL.Image.fromarray(array)
-        target = self._target_list[index]
+        target = int(self.targets[index])
         if self.transform is not None:
             image = self.transform(image)
         if self.target_transform is not None:

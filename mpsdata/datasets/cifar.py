@@ -66,10 +66,6 @@ class MPSCIFAR10(TrainTestDataset):
         return RawSource(len(images), (3, 32, 32), batches, list(raw.classes), identity)
 
     @property
-    def targets(self) -> list[int]:
-        return list(self._target_list)
-
-    @property
     def data(self) -> np.ndarray:
         return self._decoded().permute(0, 2, 3, 1).numpy()
 

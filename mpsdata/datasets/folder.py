@@ -93,7 +93,7 @@ class MPSImageFolder(MPSVisionDataset):
         return "all"
 
     def _default_archive_dir(self) -> Path:
-        root = Path(self.root)
+        root = Path(self.root).resolve()  # "." has no name: its sibling folder needs the real one
         return root.parent / f"{root.name}-mps"
 
     def _image_root(self) -> Path:
@@ -130,10 +130,6 @@ class MPSImageFolder(MPSVisionDataset):
 
     def _class_names(self, listing) -> list[Any]:
         return list(listing.classes)
-
-    @property
-    def targets(self) -> list[int]:
-        return list(self._target_list)
 
     def extra_repr(self) -> str:
         return f"Image size: {self.image_size}\n{super().extra_repr()}"

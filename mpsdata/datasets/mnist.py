@@ -89,9 +89,8 @@ class MPSMNIST(TrainTestDataset):
 
         return RawSource(len(images), (1, 28, 28), batches, list(self._torchvision_cls.classes), identity)
 
-    @property
-    def targets(self) -> torch.Tensor:
-        return self._cores.targets
+    def _targets_from(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(torch.int64).clone()  # int64 tensor, as torchvision's MNIST
 
     @property
     def data(self) -> torch.Tensor:
