@@ -466,6 +466,23 @@ def test_targets_is_a_plain_attribute_as_in_torchvision(fashion_fake, tmp_path: 
     assert mnist[np.int64(-1)][0].size == (28, 28) and mnist[torch.tensor(2)][1] == 0
 
 
+def test_image_folder_that_changed_is_refused(tmp_path: Path) -> None:
+    """Images or classes added after the build: the old core file is refused with what changed and what to do,
+    rather than served with a length and labels torchvision's ImageFolder no longer agrees with."""
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=2)
+    ds = mpsdata.MPSImageFolder(root, image_size=8, build_workers=0)
+    write_image_folder(tmp_path / "more", per_class=1)
+    (tmp_path / "more" / ds.classes[0]).rename(root / "zebra")  # a new class
+    with pytest.raises(mpsdata.MPSDataError, match=r"(?s)changed since.*delete the core file"):
+        mpsdata.MPSImageFolder(root, image_size=8, build_workers=0)
+    ds.archive.unlink()
+    rebuilt = mpsdata.MPSImageFolder(root, image_size=8, build_workers=0)
+    assert rebuilt.classes == torchvision.datasets.ImageFolder(root).classes and len(rebuilt) == len(ds) + 1
+    shutil.rmtree(root)  # only the core file left (as after a download): it opens
+    assert len(mpsdata.MPSImageFolder(root, image_size=8, build_workers=0, download=False)) == len(rebuilt)
+
+
 def test_image_folder_build_workers_give_identical_file(tmp_path: Path) -> None:
     root = tmp_path / "pets"
     write_image_folder(root)

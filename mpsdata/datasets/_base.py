@@ -172,6 +172,7 @@ class MPSVisionDataset(VisionDataset):
         # A plain attribute, as torchvision's: users relabel or subset through it, and items read it.
         self.targets = self._targets_from(self._cores.targets)
         self.classes = list(self._cores.meta["classes"])
+        self._check_source()
         self._data: Any = None
         self._bias = None
         if bias:
@@ -185,6 +186,9 @@ class MPSVisionDataset(VisionDataset):
                 )
 
     # -- hooks for subclasses ---------------------------------------------------------------------------
+    def _check_source(self) -> None:
+        """Refuse a core file whose raw data has changed since it was built (nothing to check by default)."""
+
     def _default_archive_dir(self) -> Path:
         return Path(self.root) / "mps"
 

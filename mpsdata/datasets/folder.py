@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,23 @@ class MPSImageFolder(MPSVisionDataset):
 
     def _class_names(self, listing) -> list[Any]:
         return list(listing.classes)
+
+    def _check_source(self) -> None:
+        """An image tree changes (images and classes added or removed) where torchvision's ImageFolder would list
+        the new one: the core file of the old tree would silently disagree with it in length and labels. Costs
+        the listing torchvision's ImageFolder makes on every construction; skipped without the tree (a core file
+        fetched on its own)."""
+        if not self._image_root().is_dir():
+            return
+        listing = self._listing()
+        stored = self._cores.meta["source"]
+        classes = json.loads(json.dumps(self._class_names(listing)))  # as stored: tuples become lists
+        if len(listing.samples) != stored["files"] or classes != self._cores.meta["classes"]:
+            raise MPSDataError(
+                f"{self._image_root()} changed since {self.archive} was built: it lists {len(listing.samples)} "
+                f"images in {len(classes)} classes, the core file holds {stored['files']} in "
+                f"{len(self._cores.meta['classes'])}; delete the core file to rebuild it from the tree as it is now"
+            )
 
     def extra_repr(self) -> str:
         return f"Image size: {self.image_size}\n{super().extra_repr()}"
