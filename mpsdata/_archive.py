@@ -28,8 +28,11 @@ import contextlib
 import hashlib
 import json
 import math
+import operator
 import os
 import re
+import secrets
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +65,7 @@ __all__ = [
     "open_core_file",
     "write_core_file",
     "settings_key",
+    "temporary_path",
 ]
 
 FORMAT = "mpsdata-cores"
@@ -86,6 +90,8 @@ _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks along the sample axis without a filter
 _FILTERED_CHUNK_BYTES = 1 << 16  # 64 KiB with a filter: a random item decompresses one small chunk
 _HASH_BLOCK = 4096  # samples per block when hashing or verifying
 IN_MEMORY_LIMIT = 2 << 30  # cores up to 2 GiB are loaded whole on first use; larger files are read per item
+#: A temporary file of an atomic write untouched this long is left by a killed build (a live one writes every batch).
+_STALE_SECONDS = 24 * 3600
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -167,7 +173,7 @@ def write_core_file(
     filters = filter_options(compression)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with h5py.File(tmp, "w", libver=("v110", "v110"), locking=False, track_order=True) as f:
             _write_batches(f, batches, num_samples, image_shape, options, core_dtype, filters, progress)
@@ -188,6 +194,26 @@ def write_core_file(
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def temporary_path(path: Path) -> Path:
+    """A fresh name ``.NAME.tmp-PID-TOKEN`` to write ``path`` under before ``os.replace`` renames it.
+
+    In the same folder, so the rename is atomic. The random token keeps two builds of one file apart when they share
+    a PID: threads of one process, or containers whose processes are all PID 1 writing to one volume. Temporary files
+    of ``path`` left by a killed build (``SIGKILL`` runs no cleanup) are removed once untouched for a day: by mtime, as
+    a PID cannot tell whether a build on another host or container is alive.
+    """
+    prefix = f".{path.name}.tmp-"
+    cutoff = time.time() - _STALE_SECONDS
+    with contextlib.suppress(OSError):  # an unlistable folder: the write itself reports the problem
+        for entry in os.scandir(path.parent):
+            rest = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+            if re.fullmatch(r"\d+(-[0-9a-f]+)?", rest) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):  # another build may be removing it too
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+    return path.with_name(f"{prefix}{os.getpid()}")
 
 
 def transform_attrs(options: dict[str, Any]) -> dict[str, str]:
@@ -454,12 +480,31 @@ def _dataset_names(f: h5py.File) -> list[str]:
 # Reading
 _MAX_VALUES = 1 << 28  # values per image when the settings give no image shape (16k x 16k)
 _MAX_OBJECTS = 100_000  # HDF5 groups and datasets walked when checking a file
+# What a filtered dataset may declare against the file's bytes. Any size may shrink 64-fold. Constant data shrinks
+# far more: deflate up to its format's 1032:1 and zstd about 2,700:1 on 64 KiB chunks of zeros, chunk index included
+# (an all-black split: zero cores, zero MSE), so up to _MAX_RATIO while the declared bytes stay within
+# _MAX_SHRUNK_BYTES. A tiny file still cannot declare a terabyte of fill values: from a file of s bytes a reader
+# allocates at most max(64 s, min(_MAX_RATIO s, 2 GiB)), and 2 GiB is what it already holds for a file's cores
+# (IN_MEMORY_LIMIT).
+_MAX_RATIO = 1 << 14
+#: What h5py raises on a damaged file: OSError when the file cannot be opened, KeyError when an object's header
+#: fails its checksum (the root group's too), the others on malformed attributes and layouts.
+_DAMAGE = (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError)
+_MAX_SHRUNK_BYTES = 2 << 30
 
 
 def _short(value: Any, limit: int = 80) -> str:
     """repr of an untrusted value, cut so that a hostile file cannot flood an error message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def damaged(path: Path, error: BaseException, kind: str = "core file") -> MPSDataError:
+    """The error of a file h5py cannot read as a ``kind``: what was seen, and how to fix it."""
+    return MPSDataError(
+        f"core file {path} is truncated, corrupted or not a {kind} ({_short(str(error), 200)}); "
+        "delete it to rebuild it, or check it with `mpsdata verify`"
+    )
 
 
 def check_header(path: Path, settings: dict[str, Any] | None = None) -> None:
@@ -478,11 +523,8 @@ def check_header(path: Path, settings: dict[str, Any] | None = None) -> None:
                 _check_layout(f.attrs["layout"], settings)
     except MPSDataError:
         raise
-    except (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError) as error:
-        raise MPSDataError(
-            f"core file {path} is truncated, corrupted or not a core file ({_short(str(error))}); "
-            "delete it to rebuild it, or check it with `mpsdata verify`"
-        ) from None
+    except _DAMAGE as error:
+        raise damaged(path, error) from None
 
 
 def _check_objects(f: h5py.File, file_size: int) -> None:
@@ -510,7 +552,8 @@ def _check_objects(f: h5py.File, file_size: int) -> None:
                 raise MPSDataError(f"{f.filename}: {where} has dtype {obj.dtype}; core files hold plain numbers")
             nbytes = math.prod(obj.shape) * obj.dtype.itemsize
             filtered = obj.id.get_create_plist().get_nfilters() > 0
-            limit = file_size * (64 if filtered else 1) + (1 << 16)  # compression may shrink data, not 64-fold
+            limit = max(file_size * 64, min(file_size * _MAX_RATIO, _MAX_SHRUNK_BYTES)) if filtered else file_size
+            limit += 1 << 16
             if nbytes > limit:
                 raise MPSDataError(
                     f"{f.filename}: {where} declares shape {_short(obj.shape)} ({nbytes} bytes) in a file of "
@@ -562,8 +605,12 @@ def open_core_file(path: str | os.PathLike, expected_settings: dict[str, Any] | 
     try:
         with h5py.File(path, "r", locking=False) as f:
             codec = f.attrs.get("codec", "mps")
-    except OSError:
-        codec = "mps"  # missing or not HDF5: CoreFile raises its own message
+    except FileNotFoundError:
+        codec = "mps"  # CoreFile raises its own message
+    except _DAMAGE as error:  # not HDF5, truncated, or a root group that fails its checksum
+        raise damaged(path, error) from None
+    if not isinstance(codec, str):  # every writer stores a string; an array would not even compare
+        raise damaged(path, TypeError(f"its codec attribute is a {type(codec).__name__}, not a string"))
     if codec == "shared":
         from ._shared_file import SharedCoreFile
 
@@ -599,7 +646,7 @@ class ProcessLocalFile:
     _ERRORS: tuple[type[Exception], ...] = (OSError, KeyError, json.JSONDecodeError)  # what a damaged file raises
 
     def __init__(self, path: str | os.PathLike, expected_settings: dict[str, Any] | None = None) -> None:
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # each process opens it lazily, maybe after the caller changed directory
         try:
             check_header(self.path, expected_settings)
             with h5py.File(self.path, "r", locking=False) as f:
@@ -607,10 +654,7 @@ class ProcessLocalFile:
         except MPSDataError:
             raise
         except self._ERRORS as error:
-            raise MPSDataError(
-                f"core file {self.path} is truncated, corrupted or not a {self._KIND} ({error}); "
-                "delete it to rebuild it, or check it with `mpsdata verify`"
-            ) from None
+            raise damaged(self.path, error, self._KIND) from None
         check_settings(self.path, self.settings, expected_settings)
         for name in self._PROCESS_LOCAL:
             setattr(self, name, None)
@@ -770,22 +814,41 @@ class CoreFile(ProcessLocalFile):
                 self._single_memory = memory
         return self._single_memory
 
-    def packed(self, indices: np.ndarray) -> np.ndarray:
-        """Cores of some images, packed float32 ``(len(indices), groups, P)``."""
-        nbytes = self.num_samples * self.params_per_image * 4
-        if self._memory is not None or nbytes <= IN_MEMORY_LIMIT:
-            return self.load()[indices]
+    def _held_whole(self) -> bool:
+        """Whether the cores are, or are to be, held in memory: loaded already, or within ``IN_MEMORY_LIMIT``."""
+        return self._memory is not None or self.num_samples * self.params_per_image * 4 <= IN_MEMORY_LIMIT
+
+    def _read_rows(self, rows: np.ndarray | slice) -> np.ndarray:
+        """Cores of some images read from the file (increasing ``rows``), packed float32 ``(n, groups, P)``."""
         f = self._file()
         names = _dataset_names(f)[: len(self.geometry.layout.site_dims)]
+        parts = [_read(f, name, rows) for name in names]
+        scales, norms = (_read(f, "scales", rows), _read(f, "norms", rows)) if self._integer else (None, None)
+        return _dequantize(parts, scales, norms, self.geometry.layout.site_dims)
+
+    def packed(self, indices: np.ndarray) -> np.ndarray:
+        """Cores of some images, packed float32 ``(len(indices), groups, P)``."""
+        if self._held_whole():
+            return self.load()[indices]
         order = np.argsort(indices)
         sorted_idx = np.asarray(indices)[order]
         unique, inverse = np.unique(sorted_idx, return_inverse=True)
-        parts = [_read(f, name, unique) for name in names]
-        scales, norms = (_read(f, "scales", unique), _read(f, "norms", unique)) if self._integer else (None, None)
-        packed = _dequantize(parts, scales, norms, self.geometry.layout.site_dims)[inverse]
+        packed = self._read_rows(unique)[inverse]
         out = np.empty_like(packed)
         out[order] = packed
         return out
+
+    def _read_single(self, index: int) -> np.ndarray:
+        """One image's cores read from the file, in the orientation the per-item decoder reads."""
+        index = operator.index(index)
+        if not -self.num_samples <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} images")
+        index %= self.num_samples
+        packed = self._read_rows(slice(index, index + 1))
+        if self._mirrored:
+            g = self.geometry
+            packed = _engine.mirror(packed, g.layout.site_dims, g.bond_dims, g.layout.scatter_index)[0]
+        return packed[0]
 
     def decode(self, indices, device: torch.device | str | None = None) -> torch.Tensor:
         """uint8 images ``(len(indices), C, H, W)`` on ``device`` (default CPU)."""
@@ -802,8 +865,13 @@ class CoreFile(ProcessLocalFile):
     def decode_one(self, index: int) -> np.ndarray:
         """One uint8 image as ``(H, W)`` or ``(H, W, C)``, the fast path behind ``__getitem__``."""
         g = self.geometry
-        memory = self._single_memory if self._single_memory is not None else self._single_cores()
-        cores = memory[index].reshape(g.groups // g.terms, g.terms, -1)
+        if self._single_memory is not None:
+            cores = self._single_memory[index]
+        elif self._held_whole():
+            cores = self._single_cores()[index]
+        else:  # too large to hold (as in `packed`): a worker reads just this image, never the whole file
+            cores = self._read_single(index)
+        cores = cores.reshape(g.groups // g.terms, g.terms, -1)
         layout = g.layout
         if (self.domain, self.colour) != ("pixels", "rgb"):  # planes: contract and transform back in float64
             channels = cores.shape[0] * layout.num_values // (layout.height * layout.width)

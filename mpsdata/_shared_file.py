@@ -55,6 +55,7 @@ from ._archive import (
     _read,
     check_written,
     filter_options,
+    temporary_path,
 )
 from ._errors import MPSDataError
 from ._shared import _RANS_L, NUM_TOKENS, PROB_BITS, Encoded, SharedCodec, _decode_images, search_shared
@@ -127,7 +128,7 @@ def write_shared_file(
     filters = filter_options(compression)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     shape = tuple(codec.shape)
     index_chunks = {"chunks": (max(1, min(num_samples + 1, _INDEX_CHUNK)),), **filters} if filters else {}
     try:

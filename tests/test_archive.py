@@ -8,8 +8,11 @@ the damage is where a disk or a copy would put it, not in an attribute the reade
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -20,7 +23,7 @@ import torchvision
 from fakes import fake_images, write_cifar, write_mnist
 
 import mpsdata
-from mpsdata import _archive
+from mpsdata import _archive, cli
 from mpsdata._archive import (
     FORMAT_VERSION,
     MAX_FORMAT_VERSION,
@@ -522,3 +525,159 @@ def test_int4_cores_in_an_older_version_file_are_refused(tmp_path: Path, version
         f.attrs["format_version"] = version
     with pytest.raises(mpsdata.MPSDataError, match="int4 cores \\(uint8\\) version 3"):
         CoreFile(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Large files, concurrent builds, damaged headers, compressible data, relative paths
+@pytest.mark.parametrize(
+    "core_dtype,options",
+    [
+        ("float16", {}),
+        ("float16", {"site_dims": "hierarchical"}),  # the per-item decoder reads these cores mirrored
+        ("int4", {"site_dims": "hierarchical", "residual": 1, "bytes_ratio": 0.4}),
+        ("int4", {"domain": "dct"}),  # planes: contracted in float64 and transformed back
+    ],
+    ids=["float16", "float16-mirrored", "int4-mirrored-residual", "int4-dct"],
+)
+def test_decode_one_over_the_memory_limit_reads_one_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core_dtype: str, options: dict
+) -> None:
+    """Above IN_MEMORY_LIMIT ``ds[i]`` reads only image i, as ``decode`` does: no DataLoader worker holds the
+    whole file expanded to float32, and the pixels are those of the in-memory path."""
+    images = fake_images(20, 28, 28, seed=6)
+    write = _write if core_dtype == "float16" else _write_int4
+    path = write(tmp_path / "a.h5", images, np.zeros(20, np.int64), **options)
+    in_memory = CoreFile(path)
+    expected = [in_memory.decode_one(i) for i in range(20)]
+    monkeypatch.setattr(_archive, "IN_MEMORY_LIMIT", 1024)
+    per_item = CoreFile(path)
+    assert per_item._mirrored == (options.get("site_dims") == "hierarchical")
+    for i in [*range(20), -1, -20]:
+        np.testing.assert_array_equal(per_item.decode_one(i), expected[i])
+    assert per_item._memory is None and per_item._single_memory is None
+    for bad in (20, -21):
+        with pytest.raises(IndexError, match="out of range"):
+            per_item.decode_one(bad)
+
+
+def test_concurrent_builds_of_one_file_both_succeed(tmp_path: Path) -> None:
+    """Two builds of one file in one process (threads; or containers whose builds are all PID 1) each write their
+    own temporary file: neither truncates nor removes the other's, and the file left in place verifies."""
+    images, targets = fake_images(16, 8, 8, seed=2), np.arange(16) % 10
+    path = tmp_path / "cores.h5"
+    both_open = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def batches():
+        both_open.wait()  # runs inside the writer: both temporary files are open before either writes a batch
+        yield from iterate_batches(images, targets, 8)
+
+    def build() -> None:
+        try:
+            write_core_file(path, batches(), num_samples=16, image_shape=(1, 8, 8), image_mode="L", options=OPTIONS,
+                            core_dtype="float16", settings={}, meta={"classes": []}, progress=False)  # fmt: skip
+        except BaseException as error:
+            errors.append(error)
+            both_open.abort()  # the other build must not wait for this one
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert CoreFile(path).verify()["images"] == 16
+    assert _leftovers(tmp_path) == ["cores.h5"]
+
+
+def test_temporary_files_of_killed_builds_are_removed(tmp_path: Path) -> None:
+    """A build killed by SIGKILL leaves its temporary file; the next build of that file removes those untouched for a
+    day (old and new names), and leaves a live build's and other files' alone."""
+    stale = [".cores.h5.tmp-123", ".cores.h5.tmp-1-0a1b2c3d"]
+    kept = [".cores.h5.tmp-7-deadbeef", ".other.h5.tmp-1", ".cores.h5.bias-tmp-1", ".cores.h5.tmp-1.h5"]
+    day_old = time.time() - 25 * 3600
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+        if name != kept[0]:  # kept[0] is a build in progress: written a moment ago
+            os.utime(tmp_path / name, (day_old, day_old))
+    _write(tmp_path / "cores.h5", fake_images(4, 8, 8), np.zeros(4, np.int64))
+    assert _leftovers(tmp_path) == sorted(["cores.h5", *kept])
+
+
+def test_temporary_names_are_unique(tmp_path: Path) -> None:
+    names = {_archive.temporary_path(tmp_path / "cores.h5").name for _ in range(100)}
+    assert len(names) == 100
+    assert all(name.startswith(f".cores.h5.tmp-{os.getpid()}-") for name in names)  # same folder, same prefix
+
+
+def _flip_root_header(path: Path) -> Path | None:
+    """A copy of ``path`` with one byte of its first 4 KiB inverted so that opening the root group fails its
+    checksum (h5py's KeyError), or None when no byte there does (the offset depends on the HDF5 version)."""
+    data = path.read_bytes()
+    damaged = path.with_name("damaged.h5")
+    for offset in range(min(len(data), 4096)):
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        damaged.write_bytes(bytes(changed))
+        try:
+            with h5py.File(damaged, "r", locking=False) as f:
+                f.attrs.get("codec")
+        except KeyError:
+            return damaged
+        except OSError:  # the superblock: h5py cannot open the file at all, an error open_core_file always caught
+            continue
+    return None
+
+
+def test_damaged_root_header_raises_mpsdata_error(copy_of: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    damaged = _flip_root_header(copy_of)
+    if damaged is None:
+        pytest.skip("no single inverted byte of the first 4 KiB damages the root group with this HDF5")
+    for read in (_archive.open_core_file, CoreFile):
+        with pytest.raises(mpsdata.MPSDataError, match="corrupted.*delete it to rebuild it") as info:
+            read(damaged)
+        assert str(damaged) in str(info.value)
+    assert cli.main(["info", str(damaged)]) == 1
+    assert "delete it to rebuild it" in capsys.readouterr().err
+
+
+def test_non_string_codec_attribute_raises(copy_of: Path) -> None:
+    with h5py.File(copy_of, "r+", locking=False) as f:
+        f.attrs["codec"] = np.arange(3)
+    with pytest.raises(mpsdata.MPSDataError, match="corrupted.*codec attribute is a ndarray"):
+        _archive.open_core_file(copy_of)
+
+
+def test_file_of_all_zero_images_opens(tmp_path: Path) -> None:
+    """Zero images give zero cores, which gzip shrinks about 70-fold in this file (over 1000-fold per chunk):
+    a file the library wrote must pass the check against files that declare more data than they could hold."""
+    path = _write(tmp_path / "zeros.h5", np.zeros((5000, 28, 28), np.uint8), np.zeros(5000, np.int64), batch_size=5000)
+    with h5py.File(path, "r", locking=False) as f:
+        site = f["cores/site_0"]
+        assert site.size * site.dtype.itemsize > 64 * path.stat().st_size  # beyond the former bound
+    cores = CoreFile(path)
+    assert not cores.decode([0, 4999]).any() and not cores.decode_one(17).any()
+    assert cores.verify()["images"] == 5000
+
+
+def test_filtered_dataset_declaring_far_more_than_the_file_holds_is_refused(tmp_path: Path) -> None:
+    """A few KiB of file declaring gigabytes of fill values (chunks never written) is still refused."""
+    path = tmp_path / "forged.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("targets", shape=(1 << 28,), dtype=np.int64, chunks=(1 << 14,), compression="gzip")
+    with pytest.raises(mpsdata.MPSDataError, match="declares shape .* hostile or corrupted"):
+        _archive.check_header(path)
+
+
+def test_relative_path_survives_a_change_of_directory(
+    mnist_file, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is opened lazily, in each process: a relative path must name the same file after ``os.chdir``."""
+    shutil.copy(mnist_file[0], tmp_path / "cores.h5")
+    monkeypatch.chdir(tmp_path)
+    cores = _archive.open_core_file("cores.h5")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cores.path.is_absolute() and cores.path.samefile(tmp_path / "cores.h5")
+    np.testing.assert_array_equal(cores.decode_one(3), CoreFile(mnist_file[0]).decode_one(3))
+    assert torch.equal(pickle.loads(pickle.dumps(cores)).decode([0]), CoreFile(mnist_file[0]).decode([0]))
