@@ -213,7 +213,7 @@ def temporary_path(path: Path) -> Path:
                 with contextlib.suppress(OSError):  # another build may be removing it too
                     if entry.stat(follow_symlinks=False).st_mtime < cutoff:
                         os.unlink(entry.path)
-    return path.with_name(f"{prefix}{os.getpid()}")
+    return path.with_name(f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def transform_attrs(options: dict[str, Any]) -> dict[str, str]:
@@ -480,17 +480,17 @@ def _dataset_names(f: h5py.File) -> list[str]:
 # Reading
 _MAX_VALUES = 1 << 28  # values per image when the settings give no image shape (16k x 16k)
 _MAX_OBJECTS = 100_000  # HDF5 groups and datasets walked when checking a file
-# What a filtered dataset may declare against the file's bytes. Any size may shrink 64-fold. Constant data shrinks
-# far more: deflate up to its format's 1032:1 and zstd about 2,700:1 on 64 KiB chunks of zeros, chunk index included
-# (an all-black split: zero cores, zero MSE), so up to _MAX_RATIO while the declared bytes stay within
-# _MAX_SHRUNK_BYTES. A tiny file still cannot declare a terabyte of fill values: from a file of s bytes a reader
-# allocates at most max(64 s, min(_MAX_RATIO s, 2 GiB)), and 2 GiB is what it already holds for a file's cores
-# (IN_MEMORY_LIMIT).
+# What a filtered dataset may declare against the file's bytes. Data of any size may shrink 64-fold. Constant data
+# shrinks far more: deflate up to its format's 1032:1 and zstd about 2,700:1 on 64 KiB chunks of zeros, chunk index
+# included (measured; an all-black split has zero cores and zero MSE), so up to _MAX_RATIO while the declared bytes
+# stay within _MAX_SHRUNK_BYTES. A tiny file still cannot declare a terabyte of fill values: from a file of s bytes a
+# reader allocates at most max(64 s, min(_MAX_RATIO s, 2 GiB)), and 2 GiB is what it holds anyway for the cores of a
+# legitimate file (IN_MEMORY_LIMIT).
 _MAX_RATIO = 1 << 14
+_MAX_SHRUNK_BYTES = 2 << 30
 #: What h5py raises on a damaged file: OSError when the file cannot be opened, KeyError when an object's header
 #: fails its checksum (the root group's too), the others on malformed attributes and layouts.
 _DAMAGE = (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError)
-_MAX_SHRUNK_BYTES = 2 << 30
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -499,7 +499,7 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def damaged(path: Path, error: BaseException, kind: str = "core file") -> MPSDataError:
+def _damaged(path: Path, error: BaseException, kind: str = "core file") -> MPSDataError:
     """The error of a file h5py cannot read as a ``kind``: what was seen, and how to fix it."""
     return MPSDataError(
         f"core file {path} is truncated, corrupted or not a {kind} ({_short(str(error), 200)}); "
@@ -524,7 +524,7 @@ def check_header(path: Path, settings: dict[str, Any] | None = None) -> None:
     except MPSDataError:
         raise
     except _DAMAGE as error:
-        raise damaged(path, error) from None
+        raise _damaged(path, error) from None
 
 
 def _check_objects(f: h5py.File, file_size: int) -> None:
@@ -608,9 +608,9 @@ def open_core_file(path: str | os.PathLike, expected_settings: dict[str, Any] | 
     except FileNotFoundError:
         codec = "mps"  # CoreFile raises its own message
     except _DAMAGE as error:  # not HDF5, truncated, or a root group that fails its checksum
-        raise damaged(path, error) from None
+        raise _damaged(path, error) from None
     if not isinstance(codec, str):  # every writer stores a string; an array would not even compare
-        raise damaged(path, TypeError(f"its codec attribute is a {type(codec).__name__}, not a string"))
+        raise _damaged(path, TypeError(f"its codec attribute is a {type(codec).__name__}, not a string"))
     if codec == "shared":
         from ._shared_file import SharedCoreFile
 
@@ -654,7 +654,7 @@ class ProcessLocalFile:
         except MPSDataError:
             raise
         except self._ERRORS as error:
-            raise damaged(self.path, error, self._KIND) from None
+            raise _damaged(self.path, error, self._KIND) from None
         check_settings(self.path, self.settings, expected_settings)
         for name in self._PROCESS_LOCAL:
             setattr(self, name, None)

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import h5py
@@ -146,6 +147,44 @@ def test_interrupted_write_leaves_nothing(toy, tmp_path: Path) -> None:
         write_shared_file(tmp_path / "x.h5", codec, batches(), num_samples=30, image_mode="L", settings={},
                           meta={}, progress=False)  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_writes_of_one_file_both_succeed(toy, tmp_path: Path) -> None:
+    """Two writers of one file in one process (threads: the same PID) each write their own temporary file."""
+    _, images, codec = toy
+    path = tmp_path / "x.h5"
+    both_open = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def batches():
+        both_open.wait()  # runs inside the writer: both temporary files are open before either writes a batch
+        yield torch.from_numpy(images)[:, None], np.arange(30) % 10
+
+    def write() -> None:
+        try:
+            write_shared_file(path, codec, batches(), num_samples=30, image_mode="L", settings={}, meta={},
+                              progress=False)  # fmt: skip
+        except BaseException as error:
+            errors.append(error)
+            both_open.abort()  # the other writer must not wait for this one
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert SharedCoreFile(path).verify()["images"] == 30
+    assert [p.name for p in tmp_path.iterdir()] == ["x.h5"]
+
+
+def test_relative_path_survives_a_change_of_directory(toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(toy[0], tmp_path / "toy.h5")
+    monkeypatch.chdir(tmp_path)
+    cores = open_core_file("toy.h5")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    np.testing.assert_array_equal(cores.decode_one(3), SharedCoreFile(toy[0]).decode_one(3))
 
 
 def test_wrong_batches_are_refused(toy, tmp_path: Path) -> None:
