@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._archive import FORMAT as _CORE_FORMAT
+from ._archive import temporary_path
 from ._errors import MPSDataError
 
 __all__ = [
@@ -554,7 +555,7 @@ def _resolve_teacher_outputs(
         teacher_outputs = teacher_logits(teacher, originals, **kwargs)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp = temporary_path(path)
             torch.save({"logits": teacher_outputs, "num_samples": num_samples}, tmp)
             os.replace(tmp, path)
     if not isinstance(teacher_outputs, (torch.Tensor, np.ndarray)):
@@ -757,7 +758,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _save_checkpoint(path: Path, epoch: int, bias: ResidualBias, opt, settings: dict, log: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     state = {
         "version": _CHECKPOINT_VERSION,
         "epoch": epoch,
@@ -840,7 +841,7 @@ def save_bias(bias: ResidualBias, path: str | os.PathLike, *, meta: dict[str, An
             f"{num_samples} of shape {image_shape}; learn the bias on this file's dataset"
         )
     arrays = bias._stored()
-    tmp = path.with_name(f".{path.name}.bias-tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         if has_bias:
             _copy_without_bias(path, tmp)
@@ -896,7 +897,7 @@ def remove_bias(path: str | os.PathLike) -> bool:
     with _open_core(path, "r") as f:
         if "bias" not in f:
             return False
-    tmp = path.with_name(f".{path.name}.bias-tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         _copy_without_bias(path, tmp)
         os.replace(tmp, path)

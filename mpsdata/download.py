@@ -48,7 +48,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._archive import MAX_FORMAT_VERSION, _short, check_header, open_core_file, settings_key
+from ._archive import MAX_FORMAT_VERSION, _short, check_header, open_core_file, settings_key, temporary_path
 from ._errors import MPSDataError
 from ._version import __version__
 
@@ -847,7 +847,7 @@ def pack(
         name = f"{_slug(dataset)}-{_slug(split)}-{key}-{sha[:8]}.h5"
         target = out / name
         if not (target.exists() and target.stat().st_size == size and _sha256_file(target) == sha):
-            tmp = out / f".{name}.tmp-{os.getpid()}"
+            tmp = temporary_path(out / name)
             try:
                 shutil.copyfile(path, tmp)
                 os.replace(tmp, target)
@@ -876,7 +876,7 @@ def pack(
         "version": MANIFEST_VERSION,
         "archives": sorted(kept + new, key=lambda e: e["name"]),
     }
-    tmp = out / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    tmp = temporary_path(out / MANIFEST_NAME)
     try:
         tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, manifest_path)
