@@ -3,10 +3,11 @@
 1. gzip level of the HDF5 filter: the float16 cores of ``MPSFashionMNIST(ratio=0.4)`` (60,000 images, default
    layout, written with the default filter so that the chunks are the ones filtered files use) rewritten with byte
    shuffle + gzip at levels 1, 4, 6 and 9 in those chunks: bytes relative to the unfiltered cores, and write time.
-2. Decode of a two-site chain (the default ``[28, 28]`` layout): one batched matrix product
-   (``_engine._decode_matrix``) against the lane kernel (``_engine._decode_numba``), batches of 256 random
-   indices (the cores gathered per batch, as ``decode_batch`` does), interleaved repeats, minimum per image; and
-   whether every uint8 image of the set is identical.
+2. Decode of a two-site chain (the default ``[28, 28]`` layout): one batched matrix product in float64
+   (``_engine._decode_matrix``, what ``decode_batch`` runs), the same in float32 (before), and the lane kernel
+   (``_engine._decode_numba``, float32), batches of 256 random indices (the cores gathered per batch, as
+   ``decode_batch`` does), interleaved repeats, minimum per image; and for each, the uint8 values of the whole set
+   that differ from the per-item decoder behind ``ds[i]`` (``CoreFile.decode_one``).
 3. int8 against int4 core files at byte budgets: ``MPSFashionMNIST(train=False, bytes_ratio=b, core_dtype=...)``
    (10,000 test images, default layout and gzip) at ``b`` in ``--budgets``: bonds, the file's real bytes over the
    raw uint8 bytes and the mean PSNR of its stored per-image MSE (what ``mpsdata info`` prints).
@@ -34,6 +35,7 @@ import torch
 
 import mpsdata
 from mpsdata import _engine
+from mpsdata._mps import to_uint8
 from mpsdata._signal import psnr
 from mpsdata.cli import _summary
 
@@ -66,8 +68,9 @@ def two_site_decode(ds, repeats: int) -> None:
     order = np.random.default_rng(0).permutation(len(ds))
     batches = [order[s : s + 256] for s in range(0, 20480, 256)]
     methods = {
-        "matrix product": lambda c: _engine._decode_matrix(c, scatter, sites, bonds, True),
-        "lane kernel": lambda c: _engine._decode_numba(c, scatter, sites, bonds, True),
+        "matrix product, float64 (decode_batch)": lambda c: _engine._decode_matrix(c, scatter, sites, bonds, True),
+        "matrix product, float32": lambda c: to_uint8(_engine._decode_matrix(c, scatter, sites, bonds, False)),
+        "lane kernel, float32": lambda c: _engine._decode_numba(c, scatter, sites, bonds, True),
     }
     best = dict.fromkeys(methods, float("inf"))
     for _ in range(repeats):
@@ -77,13 +80,13 @@ def two_site_decode(ds, repeats: int) -> None:
                 fn(torch.from_numpy(np.asarray(cores.packed(batch))))
             best[name] = min(best[name], (time.perf_counter() - start) / (256 * len(batches)) * 1e6)
     every = torch.from_numpy(np.asarray(cores.packed(np.arange(len(ds)))))
-    differ = int((methods["matrix product"](every) != methods["lane kernel"](every)).sum())
+    items = torch.from_numpy(np.stack([cores.decode_one(i) for i in range(len(ds))]).reshape(len(ds), -1))
     print(
         f"\nTwo-site decode, {g.layout.describe()} bonds {list(bonds)}, uint8 out, {torch.get_num_threads()} threads:"
     )
     for name, us in best.items():
-        print(f"- {name}: {us:.3f} us/image (min of {repeats})")
-    print(f"- uint8 values that differ over all {len(ds):,} images: {differ}")
+        differ = int((methods[name](every) != items).sum())
+        print(f"- {name}: {us:.3f} us/image (min of {repeats}); values differing from ds[i] over {len(ds):,}: {differ}")
 
 
 def byte_budget_files(root: Path, budgets: list[float]) -> None:
