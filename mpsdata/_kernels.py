@@ -1051,26 +1051,23 @@ def _decode_single(cores, geometry, scatter, out):
     run along the cores instead. ``geometry`` packs ``[n, sites..., caps..., offsets...]`` into one array to
     keep the call cheap (numba unboxes every argument on every call).
     """
-    N = _single_size(geometry)
-    # Two sites: float64, as the batch path's matrix product (``_engine._decode_matrix``), whose summation
-    # order BLAS chooses; in float32 the two rounded ~1e-5 apart and disagreed at ties (6 pixels of the
-    # Fashion-MNIST test split). More sites: float32 in the order of the lane kernel, which gives the same bits.
-    wide = geometry[0] == 2
-    A = np.empty(N, cores.dtype)
-    B = np.empty(N, cores.dtype)
-    acc = np.empty(N, cores.dtype)
-    A64 = np.empty(N if wide else 0, np.float64)
-    B64 = np.empty(N if wide else 0, np.float64)
-    acc64 = np.empty(N if wide else 0, np.float64)
+    if geometry[0] == 2:
+        # Two sites: float64, as the batch path's matrix product (``_engine._decode_matrix``), whose summation
+        # order BLAS chooses; in float32 the two rounded ~1e-5 apart and split ties (150 values of the 60,000
+        # Fashion-MNIST training images). More sites: float32 in the order of the lane kernel, the same bits.
+        _decode_single_into(cores, geometry, scatter, out, np.empty((3, _single_size(geometry)), np.float64))
+    else:
+        _decode_single_into(cores, geometry, scatter, out, np.empty((3, _single_size(geometry)), cores.dtype))
+
+
+@numba.njit(**_JIT)
+def _decode_single_into(cores, geometry, scatter, out, buffers):
+    """:func:`_decode_single` with its three contraction buffers (rows of ``buffers``), in their dtype."""
+    A, B, acc = buffers[0], buffers[1], buffers[2]
     for g in range(cores.shape[0]):
-        if wide:
-            _contract_single(cores[g], geometry, A64, B64, acc64)
-            for p in range(scatter.shape[0]):
-                out[g, p] = min(max(np.floor(acc64[scatter[p]] + 0.5), 0.0), 255.0)
-        else:
-            _contract_single(cores[g], geometry, A, B, acc)
-            for p in range(scatter.shape[0]):
-                out[g, p] = min(max(np.floor(acc[scatter[p]] + 0.5), 0.0), 255.0)
+        _contract_single(cores[g], geometry, A, B, acc)
+        for p in range(scatter.shape[0]):
+            out[g, p] = min(max(np.floor(acc[scatter[p]] + 0.5), 0.0), 255.0)
 
 
 @numba.njit(**_JIT)

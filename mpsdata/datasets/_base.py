@@ -171,6 +171,9 @@ class MPSVisionDataset(VisionDataset):
         self._cores = open_core_file(path, expected_settings=settings)
         # A plain attribute, as torchvision's: users relabel or subset through it, and items read it.
         self.targets = self._targets_from(self._cores.targets)
+        self._targets_source: Any = None  # the tensor _targets_list copies, at _targets_version (see _target)
+        self._targets_version = -1
+        self._targets_list: list[int] = []
         self.classes = list(self._cores.meta["classes"])
         self._check_source()
         self._data: Any = None
@@ -365,6 +368,17 @@ class MPSVisionDataset(VisionDataset):
     def __len__(self) -> int:
         return self._cores.num_samples
 
+    def _target(self, index: int) -> int:
+        """``int(self.targets[index])``. A tensor's element costs ~1 us to read; a list copy is read instead, made
+        again whenever ``targets`` is replaced or changed in place (its ``_version`` counts in-place writes)."""
+        targets = self.targets
+        if not isinstance(targets, torch.Tensor):
+            return int(targets[index])
+        if targets is not self._targets_source or targets._version != self._targets_version:
+            self._targets_list = targets.tolist()
+            self._targets_source, self._targets_version = targets, targets._version
+        return self._targets_list[index]
+
     def _targets_from(self, stored: torch.Tensor) -> Any:
         """The ``targets`` attribute in torchvision's type for this dataset (a list of ints unless overridden)."""
         return [int(t) for t in stored.tolist()]
@@ -372,13 +386,11 @@ class MPSVisionDataset(VisionDataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         """Returns ``(image, target)``: a PIL image of the original mode and size, and the class index."""
         index = operator.index(index)  # a slice or a float is refused, as torchvision's datasets do
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} is out of range for {len(self)} images")
-        array = self._cores.decode_one(index)
+        array = self._cores.decode_one(index)  # IndexError out of range
         if self._bias is not None:
             array = self._bias.apply_uint8_item(array, index)
         image = PIL.Image.fromarray(array)
-        target = int(self.targets[index])
+        target = self._target(index)
         if self.transform is not None:
             image = self.transform(image)
         if self.target_transform is not None:
@@ -496,6 +508,7 @@ class MPSVisionDataset(VisionDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_data"] = None  # decoded data is a cache; workers decode what they need
+        state["_targets_source"], state["_targets_list"] = None, []  # so is the list copy of the targets
         return state
 
 
