@@ -201,7 +201,7 @@ def _decode_matrix(cores, scatter, site_dims, bonds, quantize) -> torch.Tensor:
     if scatter.shape[0] != d0 * d1 or not np.array_equal(scatter, np.arange(d0 * d1)):
         values = values.index_select(1, torch.from_numpy(np.asarray(scatter, np.int64)))
     if quantize:
-        return values.to(torch.float64).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+        return values.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)  # float64 already
     return values
 
 
