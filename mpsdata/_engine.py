@@ -187,7 +187,7 @@ def _decode_matrix(cores, scatter, site_dims, bonds, quantize) -> torch.Tensor:
     is in float64, as in the single-image kernel: BLAS picks its own summation order, and in float32 the two
     disagreed where a value lies within rounding of a tie (150 values of the 60,000 Fashion-MNIST training
     images); in float64 the float32 cores' products are exact and the sums agree far below that. It is no slower:
-    1.017 us per 28x28 rank-5 image against 1.238 in float32 and 1.153 for the lane kernel, core gather included
+    1.019 us per 28x28 rank-5 image against 1.315 in float32 and 1.165 for the lane kernel, core gather included
     (``benchmarks/core_file.py --parts decode``)."""
     B, terms, _ = cores.shape
     if quantize:
