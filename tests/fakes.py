@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,3 +162,24 @@ def write_imagenet(
             array = fake_images(1, height, width, channels=3, seed=seed + 17 * k + i)[0]
             _save_image(root / "train" / wnid / f"{wnid}_{i}.JPEG", array, "RGB")
     return wnid_to_classes
+
+
+def write_twice_at_once(write: Callable[[Callable[[], object]], None]) -> list[BaseException]:
+    """Run ``write(wait)`` in two threads at once and return what they raised. A writer calls ``wait()`` once its
+    temporary file is open; it returns when both are, so the two writes overlap for certain."""
+    both_open = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            write(both_open.wait)
+        except BaseException as error:
+            errors.append(error)
+            both_open.abort()  # the other writer must not wait for this one
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors

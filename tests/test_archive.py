@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from fakes import fake_images, write_cifar, write_mnist
+from fakes import fake_images, write_cifar, write_mnist, write_twice_at_once
 
 import mpsdata
 from mpsdata import _archive, cli
@@ -565,27 +564,16 @@ def test_concurrent_builds_of_one_file_both_succeed(tmp_path: Path) -> None:
     own temporary file: neither truncates nor removes the other's, and the file left in place verifies."""
     images, targets = fake_images(16, 8, 8, seed=2), np.arange(16) % 10
     path = tmp_path / "cores.h5"
-    both_open = threading.Barrier(2, timeout=10)
-    errors: list[BaseException] = []
 
-    def batches():
-        both_open.wait()  # runs inside the writer: both temporary files are open before either writes a batch
-        yield from iterate_batches(images, targets, 8)
+    def build(wait) -> None:
+        def batches():
+            wait()  # runs inside the writer: both temporary files are open before either writes a batch
+            yield from iterate_batches(images, targets, 8)
 
-    def build() -> None:
-        try:
-            write_core_file(path, batches(), num_samples=16, image_shape=(1, 8, 8), image_mode="L", options=OPTIONS,
-                            core_dtype="float16", settings={}, meta={"classes": []}, progress=False)  # fmt: skip
-        except BaseException as error:
-            errors.append(error)
-            both_open.abort()  # the other build must not wait for this one
+        write_core_file(path, batches(), num_samples=16, image_shape=(1, 8, 8), image_mode="L", options=OPTIONS,
+                        core_dtype="float16", settings={}, meta={"classes": []}, progress=False)  # fmt: skip
 
-    threads = [threading.Thread(target=build) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert write_twice_at_once(build) == []
     assert CoreFile(path).verify()["images"] == 16
     assert _leftovers(tmp_path) == ["cores.h5"]
 

@@ -12,14 +12,13 @@ import gzip
 import hashlib
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from fakes import fake_images, write_mnist
+from fakes import fake_images, write_mnist, write_twice_at_once
 from torch.utils.data import DataLoader
 from torchvision.transforms import PILToTensor
 
@@ -153,27 +152,16 @@ def test_concurrent_writes_of_one_file_both_succeed(toy, tmp_path: Path) -> None
     """Two writers of one file in one process (threads: the same PID) each write their own temporary file."""
     _, images, codec = toy
     path = tmp_path / "x.h5"
-    both_open = threading.Barrier(2, timeout=10)
-    errors: list[BaseException] = []
 
-    def batches():
-        both_open.wait()  # runs inside the writer: both temporary files are open before either writes a batch
-        yield torch.from_numpy(images)[:, None], np.arange(30) % 10
+    def write(wait) -> None:
+        def batches():
+            wait()  # runs inside the writer: both temporary files are open before either writes a batch
+            yield torch.from_numpy(images)[:, None], np.arange(30) % 10
 
-    def write() -> None:
-        try:
-            write_shared_file(path, codec, batches(), num_samples=30, image_mode="L", settings={}, meta={},
-                              progress=False)  # fmt: skip
-        except BaseException as error:
-            errors.append(error)
-            both_open.abort()  # the other writer must not wait for this one
+        write_shared_file(path, codec, batches(), num_samples=30, image_mode="L", settings={}, meta={},
+                          progress=False)  # fmt: skip
 
-    threads = [threading.Thread(target=write) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert write_twice_at_once(write) == []
     assert SharedCoreFile(path).verify()["images"] == 30
     assert [p.name for p in tmp_path.iterdir()] == ["x.h5"]
 
