@@ -560,8 +560,8 @@ def test_real_fashion_psnr_matches_decompose(real_fashion) -> None:
 @pytest.mark.parametrize("core_dtype", [None, "float32", "int8"])
 def test_real_fashion_items_equal_decode_batch(real_fashion, core_dtype) -> None:
     """Same bytes per item and per batch. On the two-site default layout both contract in float64: in float32 the
-    batch's BLAS product and the item loop summed in different orders and split ties (10 pixels with float32
-    cores, 6 with int8)."""
+    batch's BLAS product and the item loop summed in different orders and split ties (this test failed with float32
+    and int8 cores)."""
     ds, _ = real_fashion
     if core_dtype is not None:
         ds = mpsdata.MPSFashionMNIST(ds.root, train=False, core_dtype=core_dtype)
