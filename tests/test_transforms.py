@@ -160,7 +160,7 @@ def test_pil_in_pil_out(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("mode", ["LA", "RGBA"])
 def test_constant_alpha_is_kept(mode: str) -> None:
     """An opaque image keeps its alpha exactly; its colour is compressed as the colour bands alone would be.
-    (Compressed with the colour in one MPS, opaque noise came back with alpha down to 240.)"""
+    (Compressed with the colour in one MPS, this image came back with alpha down to 246.)"""
     rng = np.random.default_rng(0)
     array = rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)
     array[:, :, 3] = 255
