@@ -809,7 +809,7 @@ class CoreFile(ProcessLocalFile):
         if self._single_memory is None:
             g = self.geometry
             if self._mirrored:
-                self._single_memory = _engine.mirror(memory, g.layout.site_dims, g.bond_dims, g.layout.scatter_index)[0]
+                self._single_memory = _engine.mirror_cores(memory, g.layout.site_dims, g.bond_dims)
             else:
                 self._single_memory = memory
         return self._single_memory
@@ -847,7 +847,7 @@ class CoreFile(ProcessLocalFile):
         packed = self._read_rows(slice(index, index + 1))
         if self._mirrored:
             g = self.geometry
-            packed = _engine.mirror(packed, g.layout.site_dims, g.bond_dims, g.layout.scatter_index)[0]
+            packed = _engine.mirror_cores(packed, g.layout.site_dims, g.bond_dims)
         return packed[0]
 
     def decode(self, indices, device: torch.device | str | None = None) -> torch.Tensor:

@@ -137,6 +137,16 @@ def mirror(
     for 28x28 with sites (49, 4, 4). Returns the packed cores, sites, bonds and the scatter index of the
     mirror image; decoding them gives the same image.
     """
+    n = int(np.prod(site_dims))
+    # Position p in site order has digits (s_1..s_n); in the mirror it sits at digits (s_n..s_1).
+    digits = np.unravel_index(np.arange(n), tuple(site_dims))
+    moved = np.ravel_multi_index(tuple(reversed(digits)), tuple(reversed(site_dims)))
+    return mirror_cores(packed, site_dims, bonds), tuple(reversed(site_dims)), tuple(reversed(bonds)), moved[scatter]
+
+
+def mirror_cores(packed: np.ndarray, site_dims: Sequence[int], bonds: Sequence[int]) -> np.ndarray:
+    """The packed cores of :func:`mirror` alone, without its scatter index: the index took 4.05 ms against 0.02
+    for the cores of one 224x224x3 hierarchical image, too much to repeat per item when the index is known."""
     full = [1, *bonds, 1]
     offs = core_offsets(site_dims, bonds)
     lead = packed.shape[:-1]
@@ -144,16 +154,7 @@ def mirror(
         packed[..., offs[k] : offs[k + 1]].reshape(*lead, full[k], j, full[k + 1]) for k, j in enumerate(site_dims)
     ]
     mirrored = [np.swapaxes(c, -1, -3).reshape(*lead, c.shape[-1] * c.shape[-2] * c.shape[-3]) for c in reversed(cores)]
-    n = int(np.prod(site_dims))
-    # Position p in site order has digits (s_1..s_n); in the mirror it sits at digits (s_n..s_1).
-    digits = np.unravel_index(np.arange(n), tuple(site_dims))
-    moved = np.ravel_multi_index(tuple(reversed(digits)), tuple(reversed(site_dims)))
-    return (
-        np.ascontiguousarray(np.concatenate(mirrored, axis=-1)),
-        tuple(reversed(site_dims)),
-        tuple(reversed(bonds)),
-        moved[scatter],
-    )
+    return np.ascontiguousarray(np.concatenate(mirrored, axis=-1))
 
 
 def decode(
