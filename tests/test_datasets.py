@@ -483,6 +483,25 @@ def test_image_folder_that_changed_is_refused(tmp_path: Path) -> None:
     assert len(mpsdata.MPSImageFolder(root, image_size=8, build_workers=0, download=False)) == len(rebuilt)
 
 
+@pytest.mark.parametrize("cls", [mpsdata.MPSImageFolder, mpsdata.MPSImageNet], ids=lambda c: c.__name__)
+def test_the_tree_is_listed_once_per_construction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls) -> None:
+    """A build lists the tree once (ImageNet listed it twice, and a check after the build a third time); opening
+    an existing file lists it once, to check it."""
+    if cls is mpsdata.MPSImageNet:
+        write_imagenet(tmp_path)
+        root = tmp_path
+    else:
+        root = tmp_path / "pets"
+        write_image_folder(root, per_class=1)
+    listings = []
+    listing = cls._listing
+    monkeypatch.setattr(cls, "_listing", lambda self: listings.append(1) or listing(self))
+    cls(root, image_size=8, build_workers=0)
+    assert len(listings) == 1
+    cls(root, image_size=8, build_workers=0)
+    assert len(listings) == 2
+
+
 def test_image_folder_build_workers_give_identical_file(tmp_path: Path) -> None:
     root = tmp_path / "pets"
     write_image_folder(root)

@@ -163,7 +163,8 @@ class MPSVisionDataset(VisionDataset):
         self._archive_dir = Path(archive_dir) if archive_dir is not None else self._default_archive_dir()
         settings = self._settings(core_dtype) if codec == "mps" else self._shared_settings()
         path = self._archive_dir / f"{split}-{settings_key(settings)}.h5"
-        if not path.exists():
+        existing = path.exists()
+        if not existing:
             if codec == "mps":
                 self._build(path, download, settings, core_dtype)
             else:
@@ -175,7 +176,8 @@ class MPSVisionDataset(VisionDataset):
         self._targets_version = -1
         self._targets_list: list[int] = []
         self.classes = list(self._cores.meta["classes"])
-        self._check_source()
+        if existing:  # a file just built holds the raw data as it is now
+            self._check_source()
         self._data: Any = None
         self._bias = None
         if bias:
@@ -190,7 +192,8 @@ class MPSVisionDataset(VisionDataset):
 
     # -- hooks for subclasses ---------------------------------------------------------------------------
     def _check_source(self) -> None:
-        """Refuse a core file whose raw data has changed since it was built (nothing to check by default)."""
+        """Refuse an existing core file whose raw data has changed since it was built (nothing to check by
+        default)."""
 
     def _default_archive_dir(self) -> Path:
         return Path(self.root) / "mps"

@@ -119,6 +119,7 @@ class MPSImageFolder(MPSVisionDataset):
             "dataset": type(self).__name__,
             "split": self._split,
             **_listing_identity(samples, self._image_root()),
+            **self._listing_extra(listing),
         }
         loader_data = _Resized(samples, self.image_size)
 
@@ -131,6 +132,10 @@ class MPSImageFolder(MPSVisionDataset):
 
     def _class_names(self, listing) -> list[Any]:
         return list(listing.classes)
+
+    def _listing_extra(self, listing) -> dict[str, Any]:
+        """More of the listing kept in the file's source identity (none here)."""
+        return {}
 
     def _check_source(self) -> None:
         """An image tree changes (images and classes added or removed) where torchvision's ImageFolder would list
@@ -222,11 +227,8 @@ class MPSImageNet(MPSImageFolder):
     def _listing(self) -> torchvision.datasets.ImageNet:
         return torchvision.datasets.ImageNet(str(self.root), split=self._imagenet_split)
 
-    def _source(self) -> RawSource:
-        source = super()._source()
-        listing = self._listing()
-        source.identity["wnids"] = list(listing.wnids)
-        return source
+    def _listing_extra(self, listing) -> dict[str, Any]:
+        return {"wnids": list(listing.wnids)}  # from the listing the build made: a second one rescans the tree
 
     def _class_names(self, listing) -> list[Any]:
         return [list(names) for names in listing.classes]
