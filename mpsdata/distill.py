@@ -98,7 +98,7 @@ class ResidualBias(nn.Module):
         dtype: Storage precision: ``"float16"``, ``"float32"`` or ``"int8"`` (per-sample scales).
         sparse: Sparse gradients (only the batch rows, for ``SparseAdam`` or ``SGD``); ``False`` gives
             dense gradients, zero outside the batch rows, for any optimiser (a dense optimiser's momentum then
-            moves rows between their visits; :func:`fit`'s ``"adam"`` moves only the batch's rows either way).
+            moves rows between their visits; :func:`fit`'s ``"adam"`` takes sparse gradients either way).
         seed: Seeds the random initial ``V`` of the low-rank form.
         device: Where the parameters live.
 
@@ -146,6 +146,7 @@ class ResidualBias(nn.Module):
         self.rank: int | None = None if rank is None else int(rank)
         self.dtype_name: str = dtype
         self.sparse = bool(sparse)
+        self._row_gradients = False  # fit's "adam": sparse gradients whatever ``sparse`` says (not in the config)
         self.meta: dict[str, Any] = {}
         self.fit_log: list[dict[str, Any]] = []
         if form == "dense":
@@ -231,11 +232,12 @@ class ResidualBias(nn.Module):
         """The biases of some samples, float32 ``(len(indices), C, H, W)`` on the image scale ``[0, 1]``."""
         idx = self._indices(indices)
         channels, height, width = self.image_shape
+        sparse = self.sparse or self._row_gradients
         if self.form == "dense":
-            return F.embedding(idx, self.weight, sparse=self.sparse).view(-1, channels, height, width)
+            return F.embedding(idx, self.weight, sparse=sparse).view(-1, channels, height, width)
         r = int(self.rank)  # type: ignore[arg-type]
-        u = F.embedding(idx, self.u, sparse=self.sparse).view(-1, channels, height, r)
-        v = F.embedding(idx, self.v, sparse=self.sparse).view(-1, channels, r, width)
+        u = F.embedding(idx, self.u, sparse=sparse).view(-1, channels, height, r)
+        v = F.embedding(idx, self.v, sparse=sparse).view(-1, channels, r, width)
         return u @ v
 
     def _check_images(self, images: torch.Tensor, *, floating: bool) -> None:
@@ -680,7 +682,8 @@ def fit(
     )
     params = list(bias.parameters())
     # Adam's moments would keep moving every row of a dense bias between its visits, against the promise that a
-    # visit moves a sample by a few lr: "adam" updates only the batch's rows, sparse or not.
+    # visit moves a sample by a few lr: "adam" is SparseAdam on sparse gradients, which the bias gives for the fit
+    # whatever its ``sparse`` (so no full-size gradient is made either).
     rows_only = not bias.sparse and optimizer == "adam"
     opt = _make_optimizer(optimizer, params, lr, bias.sparse or rows_only)
     base_lrs = [group["lr"] for group in opt.param_groups]
@@ -710,6 +713,7 @@ def fit(
     for p, _ in frozen:
         p.requires_grad_(False)
     bias.train()
+    bias._row_gradients = rows_only
     try:
         for epoch in range(start_epoch, epochs):
             order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
@@ -728,11 +732,6 @@ def fit(
                 value = distill_loss(teacher(x), outputs[idx].to(device), loss, temperature)
                 opt.zero_grad(set_to_none=True)
                 value.backward()
-                if rows_only:
-                    rows = idx.to(device)
-                    for p in params:
-                        grad = p.grad[rows]  # type: ignore[index]
-                        p.grad = torch.sparse_coo_tensor(rows[None], grad, p.shape, check_invariants=False)
                 opt.step()
                 total += float(value.detach()) * len(idx)
                 bar.update(len(idx))
@@ -742,6 +741,7 @@ def fit(
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, epoch + 1, bias, opt, settings, log)
     finally:
+        bias._row_gradients = False
         for p, flag in frozen:
             p.requires_grad_(flag)
         teacher.train(was_training)
