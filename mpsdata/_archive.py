@@ -838,13 +838,17 @@ class CoreFile(ProcessLocalFile):
         out[order] = packed
         return out
 
+    def _indices(self, indices) -> np.ndarray:
+        """Indices as int64 in ``[0, N)``; negatives count from the end, others raise ``IndexError``."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -self.num_samples or idx.max() >= self.num_samples):
+            raise IndexError(f"index out of range for {self.num_samples} images")
+        return idx % max(self.num_samples, 1)
+
     def _read_single(self, index: int) -> np.ndarray:
         """One image's cores read from the file, in the orientation the per-item decoder reads."""
-        index = operator.index(index)
-        if not -self.num_samples <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} images")
-        index %= self.num_samples
-        packed = self._read_rows(slice(index, index + 1))
+        (row,) = self._indices(operator.index(index))
+        packed = self._read_rows(slice(row, row + 1))
         if self._mirrored:
             g = self.geometry
             packed = _engine.mirror_cores(packed, g.layout.site_dims, g.bond_dims)
@@ -852,10 +856,7 @@ class CoreFile(ProcessLocalFile):
 
     def decode(self, indices, device: torch.device | str | None = None) -> torch.Tensor:
         """uint8 images ``(len(indices), C, H, W)`` on ``device`` (default CPU)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < -self.num_samples or idx.max() >= self.num_samples):
-            raise IndexError(f"index out of range for {self.num_samples} images")
-        idx = idx % max(self.num_samples, 1)
+        idx = self._indices(indices)
         g = self.geometry
         packed = torch.from_numpy(self.packed(idx))
         if device is not None:
