@@ -156,7 +156,7 @@ class MPSCompress(Transform):
         array = np.asarray(img)
         hwc = array[:, :, None] if array.ndim == 2 else array
         # A constant alpha band (an opaque image) holds nothing to compress: compressed with the colour in one
-        # MPS it would come back uneven (down to 236 on opaque 32x32 noise at ratio 0.4), so it is kept as it is.
+        # MPS it would come back uneven (tests/test_transforms.py::test_constant_alpha_is_kept), so it is kept.
         alpha = img.mode in ("LA", "RGBA") and bool((hwc[:, :, -1] == hwc[0, 0, -1]).all())
         bands = hwc[:, :, :-1] if alpha else hwc
         chw = torch.from_numpy(bands.transpose(2, 0, 1).copy())  # PIL's buffer is read-only
